@@ -1,0 +1,124 @@
+"""Pydantic configuration models, loaded from YAML with unknown keys rejected.
+
+Each consumer receives only its own slice (``EngineConfig`` for the engine, and so on), the way
+``ray.data.llm`` hands each stage only the fields it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+T = TypeVar("T", bound="StrictModel")
+
+#: One LLM visual token of Qwen2.5-VL covers 28x28 source pixels (14 px patches, 2x2 merge).
+QWEN25_TOKEN_PX = 28
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | Path) -> T:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config (used to guard resumes and label outputs)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ModelConfig(StrictModel):
+    path: str = Field(
+        "embedded:tiny",
+        description="Local directory or hub id of a Q-Zoom checkpoint (released layout) or a stock "
+        "Qwen2.5-VL. 'embedded:tiny' builds (once, cached) the small offline model that ships with the repo.",
+    )
+    heads_path: str | None = Field(
+        None,
+        description="Directory with qzoom_heads.safetensors + qzoom_config.json, for a stock backbone "
+        "whose Q-Zoom heads were trained by this project and saved apart. None: heads come from `path`.",
+    )
+    processor_path: str | None = Field(
+        None,
+        description="Where to load the tokenizer/processor from (the authors load it from the base repo, "
+        "e.g. Qwen/Qwen2.5-VL-7B-Instruct). None: same as `path`.",
+    )
+    revision: str | None = Field(None, description="Hub revision when `path` is a hub id.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on cuda when flash-attn is installed, else sdpa."
+    )
+    require_heads: bool = Field(
+        True,
+        description="Fail when the checkpoint has no Q-Zoom heads. False lets a stock model run baseline mode.",
+    )
+
+
+class ZoomConfig(StrictModel):
+    mode: Literal["qzoom", "baseline"] = Field(
+        "qzoom", description="qzoom: gate + RoI zoom. baseline: plain single pass at the pixel budget."
+    )
+    gate_thresh: float = Field(
+        0.1, ge=0.0, description="tau_gate: records whose gate probability is >= this zoom. >1 disables zoom."
+    )
+    roi_thresh: float = Field(0.1, ge=0.0, description="tau_roi: threshold on the blurred sigmoid RoI map.")
+    min_pixels: int = Field(256 * QWEN25_TOKEN_PX**2, gt=0, description="Lower pixel budget of the global view.")
+    max_pixels: int = Field(576 * QWEN25_TOKEN_PX**2, gt=0, description="Upper pixel budget of the global view.")
+    roi_min_pixels: int | None = Field(None, description="Lower budget for the RoI crop; None: min_pixels.")
+    roi_max_pixels: int | None = Field(None, description="Upper budget for the RoI crop; None: max_pixels.")
+    min_roi_px: int = Field(28, ge=1, description="Minimum side of the RoI box in source pixels.")
+    reuse_src_pos: bool | None = Field(
+        None,
+        description="Aligned RoI position ids (True) or a fresh grid (False). None: the checkpoint's value.",
+    )
+    sink_mask: bool = Field(True, description="Zero the Qwen2.5 top-left attention-sink strips of the map.")
+    return_roi_map: bool = Field(False, description="Return the RoI probability map with each result.")
+
+    @model_validator(mode="after")
+    def _budgets_ordered(self) -> ZoomConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
+        return self
+
+
+class GenerationConfig(StrictModel):
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="Greedy decoding length cap.")
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        description="None: the checkpoint's generation_config.json value (Qwen2.5-VL-Instruct ships 1.05); "
+        "1.0 turns it off.",
+    )
+    prompt_suffix: str | None = Field(
+        None,
+        description="Appended to every question, e.g. 'Answer the question using a single word or phrase.'",
+    )
+
+
+class EngineConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    zoom: ZoomConfig = Field(default_factory=ZoomConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    max_batch_size: int = Field(8, ge=1, description="Records per forward pass inside the engine.")
+    max_image_pixels: int = Field(
+        200_000_000, gt=0, description="Decompression-bomb guard: larger decoded images are rejected."
+    )
+    max_aspect_ratio: float = Field(200.0, gt=1.0, description="Qwen's processor rejects more extreme images.")
+    max_question_chars: int = Field(8192, gt=0, description="Longer questions are rejected per record.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads on CPU; None keeps torch's.")

@@ -1,0 +1,86 @@
+"""CPU-side steps: turn a record into model inputs, and a RoI box into crop patches."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qzoom_ray import geometry
+from qzoom_ray.images import ImageError, crop_image, load_image
+from qzoom_ray.model.processor import build_prompt, image_size_kwargs
+from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, PreparedRoi, ZoomRequest
+
+if TYPE_CHECKING:
+    from qzoom_ray.model.engine import QZoomEngine
+
+
+class RecordError(ValueError):
+    """A record the engine cannot answer; the message is returned to the user in ``error``."""
+
+
+def _validate_question(question: object, max_chars: int) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError("empty question")
+    if len(question) > max_chars:
+        raise RecordError(f"question too long ({len(question)} > {max_chars} characters)")
+    return question.strip()
+
+
+def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord | EngineResult:
+    t0 = time.perf_counter()
+    cfg = engine.config
+    try:
+        question = _validate_question(record.question, cfg.max_question_chars)
+        lo = record.min_pixels or cfg.zoom.min_pixels
+        hi = record.max_pixels or cfg.zoom.max_pixels
+        if lo > hi:
+            raise RecordError(f"min_pixels ({lo}) > max_pixels ({hi})")
+        image = load_image(record.image, max_pixels=cfg.max_image_pixels, max_aspect_ratio=cfg.max_aspect_ratio)
+        # Fails early (and with our message) for sizes the processor would reject.
+        geometry.smart_resize(
+            image.height, image.width, engine.adapter.token_px, lo, hi, max_aspect_ratio=cfg.max_aspect_ratio
+        )
+        prompt = build_prompt(engine.processor, question, cfg.generation.prompt_suffix)
+        out = engine.processor(
+            text=[prompt], images=[image], return_tensors="np", **image_size_kwargs(lo, hi)
+        )
+    except (ImageError, RecordError, ValueError) as exc:
+        from qzoom_ray.model.engine import error_result
+
+        return error_result(record.id, str(exc))
+    input_ids = np.asarray(out["input_ids"][0], dtype=np.int64)
+    image_start = int(np.flatnonzero(input_ids == engine.image_token_id)[0])
+    return PreparedRecord(
+        record=record,
+        image=image,
+        input_ids=input_ids,
+        pixel_values=np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+        grid_thw=tuple(int(v) for v in out["image_grid_thw"][0]),
+        image_start=image_start,
+        min_pixels=lo,
+        max_pixels=hi,
+        gate_thresh=cfg.zoom.gate_thresh if record.gate_thresh is None else record.gate_thresh,
+        roi_thresh=cfg.zoom.roi_thresh if record.roi_thresh is None else record.roi_thresh,
+        max_new_tokens=record.max_new_tokens or cfg.generation.max_new_tokens,
+        prep_s=time.perf_counter() - t0,
+    )
+
+
+def roi_budget(engine: QZoomEngine, prepared: PreparedRecord) -> tuple[int, int]:
+    """The crop's pixel budget: the global view's unless the config sets one for RoIs."""
+    zoom = engine.config.zoom
+    return (zoom.roi_min_pixels or prepared.min_pixels, zoom.roi_max_pixels or prepared.max_pixels)
+
+
+def prepare_roi(engine: QZoomEngine, request: ZoomRequest) -> PreparedRoi:
+    t0 = time.perf_counter()
+    crop = crop_image(request.prepared.image, request.box_px)
+    lo, hi = roi_budget(engine, request.prepared)
+    out = engine.processor.image_processor(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))
+    return PreparedRoi(
+        pixel_values=np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+        grid_thw=tuple(int(v) for v in out["image_grid_thw"][0]),
+        prep_s=time.perf_counter() - t0,
+    )

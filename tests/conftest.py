@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny offline Q-Zoom model per session, and images made on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small budgets keep CPU tests fast: 64..256 visual tokens.
+TEST_MIN_PIXELS = 64 * 28 * 28
+TEST_MAX_PIXELS = 256 * 28 * 28
+
+
+def make_image_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((height, width, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from qzoom_ray.model.tiny import build_tiny_qzoom
+
+    return str(build_tiny_qzoom(tmp_path_factory.mktemp("tiny") / "tiny-qzoom", seed=0))
+
+
+def engine_config(model_dir: str, **overrides):
+    from qzoom_ray.config import EngineConfig
+
+    data = {
+        "model": {"path": model_dir},
+        "zoom": {"min_pixels": TEST_MIN_PIXELS, "max_pixels": TEST_MAX_PIXELS},
+        "generation": {"max_new_tokens": 6},
+        "torch_threads": 2,
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return EngineConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from qzoom_ray.model.engine import QZoomEngine
+
+    return QZoomEngine(engine_config(tiny_model_dir))

@@ -1,0 +1,89 @@
+"""The zoom pass: KV reuse is exact, and the spliced sequence is what stock transformers would build."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import engine_config, make_image_bytes
+
+from qzoom_ray import geometry
+from qzoom_ray.model.engine import QZoomEngine
+from qzoom_ray.model.splice import build_zoom_batch, coarse_positions
+from qzoom_ray.model.state import EngineRecord, ZoomRequest
+
+SIZES = [(300, 200), (640, 480), (224, 448)]
+
+
+def zoom_requests(engine: QZoomEngine, roi_thresh: float = 0.5) -> list[tuple[ZoomRequest, object]]:
+    records = [
+        EngineRecord(f"r{i}", make_image_bytes(w, h, i), "What is the value of Total?" + " ?" * i, gate_thresh=0.0, roi_thresh=roi_thresh)
+        for i, (w, h) in enumerate(SIZES)
+    ]
+    preps = [engine.prepare(r) for r in records]
+    outs = engine.coarse(preps, keep_prefix=True)
+    assert all(isinstance(o, ZoomRequest) for o in outs), [getattr(o, "route", "zoom") for o in outs]
+    return [(req, engine.prepare_roi(req)) for req in outs]
+
+
+def test_kv_reuse_equals_recompute(tiny_model_dir):
+    for aligned in (True, False):
+        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"reuse_src_pos": aligned}))
+        items = zoom_requests(engine)
+        reused = engine.zoom(items, reuse_prefix=True, return_logits=True)
+        fresh = engine.zoom(items, reuse_prefix=False, return_logits=True)
+        zb = build_zoom_batch(engine, items, reuse_prefix=True)
+        assert zb.cached_width > 0, "the batch must actually reuse cached prefix columns"
+        for a, b in zip(reused, fresh, strict=True):
+            torch.testing.assert_close(a.first_logits, b.first_logits, atol=1e-4, rtol=1e-4)
+            assert a.token_ids == b.token_ids
+            assert a.roi_visual_tokens > 0 and a.zoomed
+
+
+def test_standard_mode_zoom_equals_stock_forward_with_two_images(tiny_model_dir):
+    """With reuse_src_pos=False the spliced pass is a stock two-image forward of the same sequence."""
+    engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"reuse_src_pos": False}))
+    items = zoom_requests(engine)
+    ours = engine.zoom(items, reuse_prefix=True, return_logits=True)
+    model = engine.adapter.model
+    for (req, roi), res in zip(items, ours, strict=True):
+        p = req.prepared
+        layout = geometry.splice_layout(len(p.input_ids), p.image_start, p.num_image_tokens, roi.num_tokens)
+        ids = geometry.splice_token_ids(
+            p.input_ids, layout, engine.vision_start_id, engine.vision_end_id, engine.image_token_id
+        )
+        ids_t = torch.from_numpy(ids)[None]
+        out = model(
+            input_ids=ids_t,
+            attention_mask=torch.ones_like(ids_t),
+            pixel_values=torch.from_numpy(np.concatenate([p.pixel_values, roi.pixel_values])),
+            image_grid_thw=torch.tensor([p.grid_thw, roi.grid_thw]),
+            mm_token_type_ids=(ids_t == engine.image_token_id).int(),
+        )
+        torch.testing.assert_close(res.first_logits, out.logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_standard_positions_equal_get_rope_index_on_spliced_sequence(tiny_engine):
+    engine = tiny_engine
+    for req, roi in zoom_requests(engine):
+        p = req.prepared
+        layout = geometry.splice_layout(len(p.input_ids), p.image_start, p.num_image_tokens, roi.num_tokens)
+        ids = torch.from_numpy(
+            geometry.splice_token_ids(p.input_ids, layout, engine.vision_start_id, engine.vision_end_id, engine.image_token_id)
+        )[None]
+        stock, _ = engine.adapter.model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=(ids == engine.image_token_id).int(),
+            image_grid_thw=torch.tensor([p.grid_thw, roi.grid_thw]),
+            attention_mask=torch.ones_like(ids),
+        )
+        ours = geometry.roi_position_ids(
+            coarse_positions(engine, p), layout, p.image_start, p.merged_grid, roi.merged_grid, req.box_grid, aligned=False
+        )
+        np.testing.assert_array_equal(ours, stock[:, 0].numpy())
+        aligned = geometry.roi_position_ids(
+            coarse_positions(engine, p), layout, p.image_start, p.merged_grid, roi.merged_grid, req.box_grid, aligned=True
+        )
+        roi_cols = slice(layout.roi_start, layout.roi_start + roi.num_tokens)
+        # Aligned mode differs only in the RoI tokens' h/w rows.
+        np.testing.assert_array_equal(np.delete(aligned, np.r_[roi_cols], axis=1), np.delete(ours, np.r_[roi_cols], axis=1))
+        np.testing.assert_array_equal(aligned[0, roi_cols], ours[0, roi_cols])

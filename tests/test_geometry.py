@@ -1,0 +1,367 @@
+"""Tests for qzoom_ray.geometry: Qwen resize parity, RoI map -> box, splicing and M-RoPE positions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qzoom_ray import geometry as g
+
+VS, VE, PAD = 151652, 151653, 151655
+
+
+def coarse_positions_for(n_pre: int, grid_h: int, grid_w: int, n_post: int) -> np.ndarray:
+    """Positions get_rope_index gives: n_pre text tokens, one image grid, n_post text tokens (first = <ve>)."""
+    pre = np.tile(np.arange(n_pre, dtype=np.float64), (3, 1))
+    rr, cc = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    img = np.stack([np.full(grid_h * grid_w, n_pre), n_pre + rr.ravel(), n_pre + cc.ravel()]).astype(
+        np.float64
+    )
+    start = n_pre + max(grid_h, grid_w)
+    post = np.tile(np.arange(start, start + n_post, dtype=np.float64), (3, 1))
+    return np.concatenate([pre, img, post], axis=1)
+
+
+# ---------------------------------------------------------------- worked example (spec 3.6)
+
+
+def _worked_example(aligned: bool) -> tuple[np.ndarray, g.SpliceLayout]:
+    coarse = coarse_positions_for(15, 24, 24, 10)
+    layout = g.splice_layout(coarse.shape[1], image_start=15, num_image_tokens=576, roi_tokens=400)
+    pos = g.roi_position_ids(coarse, layout, 15, (24, 24), (20, 20), (6, 3, 12, 9), aligned=aligned)
+    return pos, layout
+
+
+def test_worked_example_aligned() -> None:
+    pos, layout = _worked_example(aligned=True)
+    assert layout.prefix_len == 15 + 576 + 1
+    assert pos.shape == (3, layout.total_len) and pos.dtype == np.float64
+    glob = pos[:, 15:591]
+    assert np.all(glob[0] == 15)
+    assert glob[1:].min() == 15 and glob[1:].max() == 38
+    assert np.all(pos[:, 591] == 39)  # global <ve>
+    assert np.all(pos[:, layout.prefix_len] == 40)  # RoI <vs>
+    roi = pos[:, layout.roi_start : layout.roi_start + 400].reshape(3, 20, 20)
+    assert np.all(roi[0] == 41)
+    np.testing.assert_allclose(roi[1][:, 0], np.linspace(18, 23, 20))
+    np.testing.assert_allclose(roi[2][0], np.linspace(21, 26, 20))
+    assert np.all(roi[1] == roi[1][:, :1]) and np.all(roi[2] == roi[2][:1])  # row-major layout
+    assert np.all(pos[:, layout.roi_start + 400] == 61)  # RoI <ve>
+    assert np.all(pos[:, layout.roi_start + 401] == 62)  # first suffix token, was 40
+    assert np.array_equal(pos[:, -1], np.full(3, 48 + 22))
+    assert g.decode_start_position(pos) == 71.0
+
+
+def test_worked_example_standard() -> None:
+    pos, layout = _worked_example(aligned=False)
+    roi = pos[:, layout.roi_start : layout.roi_start + 400].reshape(3, 20, 20)
+    assert np.all(roi[0] == 41)
+    np.testing.assert_array_equal(roi[1][:, 0], np.arange(41, 61))
+    np.testing.assert_array_equal(roi[2][0], np.arange(41, 61))
+    aligned, _ = _worked_example(aligned=True)
+    # Only RoI h/w differ between the two modes.
+    diff = np.nonzero(np.any(pos != aligned, axis=0))[0]
+    assert diff.min() >= layout.roi_start and diff.max() < layout.roi_start + 400
+    assert np.all(pos[0] == aligned[0])
+
+
+def test_single_row_roi_uses_start_value() -> None:
+    coarse = coarse_positions_for(3, 4, 6, 2)
+    layout = g.splice_layout(coarse.shape[1], 3, 24, roi_tokens=5)
+    pos = g.roi_position_ids(coarse, layout, 3, (4, 6), (1, 5), (1, 2, 4, 3), aligned=True)
+    roi = pos[:, layout.roi_start : layout.roi_start + 5]
+    assert np.all(roi[1] == 3 + 2)
+    np.testing.assert_allclose(roi[2], np.linspace(4, 6, 5))
+
+
+# ---------------------------------------------------------------- smart_resize parity
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    h=st.integers(1, 20000),
+    w=st.integers(1, 20000),
+    min_tokens=st.integers(1, 1024),
+    extra_tokens=st.integers(0, 16384),
+    factor=st.sampled_from([28, 32, 14]),
+)
+def test_smart_resize_matches_transformers(
+    h: int, w: int, min_tokens: int, extra_tokens: int, factor: int
+) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_resize
+
+    min_px = min_tokens * factor * factor
+    max_px = (min_tokens + extra_tokens) * factor * factor
+    try:
+        expected: tuple[int, int] | None = hf_resize(
+            h, w, factor=factor, min_pixels=min_px, max_pixels=max_px
+        )
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError, match="aspect ratio"):
+            g.smart_resize(h, w, factor, min_px, max_px)
+        assert not g.crop_is_encodable((0, 0, w, h), factor, min_px, max_px)
+    else:
+        assert g.smart_resize(h, w, factor, min_px, max_px) == expected
+        assert g.crop_is_encodable((5, 7, 5 + w, 7 + h), factor, min_px, max_px)
+        assert g.visual_token_count(h, w, factor, min_px, max_px) == (expected[0] // factor) * (
+            expected[1] // factor
+        )
+
+
+def test_smart_resize_known_values_and_errors() -> None:
+    assert g.smart_resize(800, 800) == (812, 812)
+    assert g.smart_resize(1000, 1000) == (980, 980)  # 1008x1008 would exceed max_pixels
+    assert g.smart_resize(42, 42) == (56, 56)  # upscaled to min_pixels
+    assert g.smart_resize(70, 70, min_pixels=1) == (56, 56)  # round(2.5) == 2 (banker's rounding)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        g.smart_resize(1, 201)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        g.smart_resize(10, 60, max_aspect_ratio=5.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        g.smart_resize(0, 10)
+    assert g.visual_token_count(1000, 1000, 28, 56 * 56, 28 * 28 * 1280) == 35 * 35
+
+
+# ---------------------------------------------------------------- sink mask, blur, sigmoid
+
+
+def test_sink_mask_20x20() -> None:
+    m = g.qwen25_sink_mask(20, 20)
+    expected = np.ones((20, 20), dtype=bool)
+    expected[:5, 0] = False
+    expected[0, :5] = False
+    assert m.dtype == bool and np.array_equal(m, expected)
+    assert (~m).sum() == 9
+
+
+def test_sink_mask_non_square() -> None:
+    m = g.qwen25_sink_mask(10, 40)
+    assert np.array_equal(np.nonzero(~m[:, 0])[0], np.arange(2))
+    assert np.array_equal(np.nonzero(~m[0])[0], np.arange(10))
+
+
+@given(gh=st.integers(1, 64), gw=st.integers(1, 64))
+def test_small_grids_untouched(gh: int, gw: int) -> None:
+    m = g.qwen25_sink_mask(gh, gw)
+    assert m.shape == (gh, gw)
+    if gh * gw <= 256:
+        assert m.all()
+    else:
+        assert not m[0, 0] and m[1:, 1:].all()
+
+
+@given(gh=st.integers(1, 12), gw=st.integers(1, 12), value=st.floats(-1e6, 1e6))
+def test_blur_preserves_constant(gh: int, gw: int, value: float) -> None:
+    out = g.gaussian_blur3x3(np.full((gh, gw), value, dtype=np.float64))
+    assert out.dtype == np.float64 and out.shape == (gh, gw)
+    np.testing.assert_allclose(out, value, rtol=1e-12, atol=1e-9)
+
+
+def test_blur_impulse_weights_and_mass() -> None:
+    arr = np.zeros((7, 9))
+    arr[3, 4] = 1.0
+    out = g.gaussian_blur3x3(arr)
+    k = np.exp(-np.array([1.0, 0.0, 1.0]) / 2.0)
+    k /= k.sum()
+    np.testing.assert_allclose(out[2:5, 3:6], np.outer(k, k))
+    assert out.sum() == pytest.approx(1.0)
+    # Reflect padding (mirror without repeating the edge): an edge impulse leaks back in from the mirror.
+    edge = np.zeros((1, 5))
+    edge[0, 1] = 1.0
+    row = g.gaussian_blur3x3(edge)[0]
+    np.testing.assert_allclose(row[:3], [2 * k[0], k[1], k[0]])
+
+
+@given(arr=st.lists(st.floats(0, 1), min_size=30, max_size=30))
+def test_blur_roughly_preserves_sum(arr: list[float]) -> None:
+    a = np.array(arr).reshape(5, 6)
+    out = g.gaussian_blur3x3(a)
+    assert out.sum() == pytest.approx(a.sum(), abs=0.5 * a.size * 0.2 + 1e-9)
+    assert out.min() >= a.min() - 1e-12 and out.max() <= a.max() + 1e-12
+
+
+def test_prob_map_extreme_logits() -> None:
+    logits = np.array([[1e308, -1e308, 0.0], [800.0, -800.0, 5.0]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        p = g.roi_prob_map(logits, None)
+    assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+    raw = g.gaussian_blur3x3(np.array([[1.0, 0.0, 0.5], [1.0, 0.0, 1 / (1 + math.exp(-5))]]))
+    np.testing.assert_allclose(p, raw)
+
+
+def test_prob_map_applies_mask() -> None:
+    logits = np.full((20, 20), 50.0)
+    mask = g.qwen25_sink_mask(20, 20)
+    p = g.roi_prob_map(logits, mask)
+    assert p[0, 0] < 0.5 and p[10, 10] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        g.roi_prob_map(logits, np.ones((3, 3), dtype=bool))
+
+
+# ---------------------------------------------------------------- map -> box
+
+
+maps = st.integers(1, 12).flatmap(
+    lambda h: st.integers(1, 12).flatmap(
+        lambda w: st.lists(st.floats(0, 1), min_size=h * w, max_size=h * w).map(
+            lambda v: np.array(v).reshape(h, w)
+        )
+    )
+)
+
+
+@given(m=maps, thresh=st.floats(0, 1))
+def test_box_contains_all_hot_cells(m: np.ndarray, thresh: float) -> None:
+    box = g.roi_box_from_map(m, thresh)
+    hot = m > thresh
+    if not hot.any():
+        assert box is None
+        return
+    assert box is not None
+    x0, y0, x1, y1 = box
+    assert all(isinstance(v, int) for v in box)
+    assert 0 <= x0 < x1 <= m.shape[1] and 0 <= y0 < y1 <= m.shape[0]
+    inside = np.zeros_like(hot)
+    inside[y0:y1, x0:x1] = True
+    assert not (hot & ~inside).any()
+    # Tight: every edge row/column of the box holds a hot cell.
+    assert hot[y0].any() and hot[y1 - 1].any() and hot[:, x0].any() and hot[:, x1 - 1].any()
+
+
+@given(m=maps, t1=st.floats(0, 1), t2=st.floats(0, 1))
+def test_higher_threshold_nests(m: np.ndarray, t1: float, t2: float) -> None:
+    lo, hi = sorted((t1, t2))
+    big = g.roi_box_from_map(m, lo)
+    small = g.roi_box_from_map(m, hi)
+    if small is None:
+        return
+    assert big is not None
+    assert big[0] <= small[0] and big[1] <= small[1] and big[2] >= small[2] and big[3] >= small[3]
+
+
+def test_threshold_is_strict() -> None:
+    m = np.zeros((4, 4))
+    m[1, 2] = 0.1
+    assert g.roi_box_from_map(m, 0.1) is None
+    assert g.roi_box_from_map(m, 0.09) == (2, 1, 3, 2)
+
+
+def test_grid_box_to_pixels() -> None:
+    assert g.grid_box_to_pixels((6, 3, 12, 9), (24, 32), (640, 480)) == (120.0, 60.0, 240.0, 180.0)
+
+
+# ---------------------------------------------------------------- min-size growth
+
+
+@st.composite
+def boxes_in_images(draw: st.DrawFn) -> tuple[tuple[float, float, float, float], tuple[int, int], int]:
+    w = draw(st.integers(1, 3000))
+    h = draw(st.integers(1, 3000))
+    xa, xb = sorted(draw(st.tuples(st.floats(0, w), st.floats(0, w))))
+    ya, yb = sorted(draw(st.tuples(st.floats(0, h), st.floats(0, h))))
+    return (xa, ya, xb, yb), (w, h), draw(st.integers(1, 64))
+
+
+@given(case=boxes_in_images())
+def test_grown_box_inside_and_big_enough(
+    case: tuple[tuple[float, float, float, float], tuple[int, int], int],
+) -> None:
+    box, (w, h), min_side = case
+    x0, y0, x1, y1 = g.grow_box_to_min_size(box, (w, h), min_side)
+    assert all(isinstance(v, int) for v in (x0, y0, x1, y1))
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    assert x1 - x0 >= min(min_side, w) and y1 - y0 >= min(min_side, h)
+    # Never loses more than the sub-pixel truncation of the original box.
+    assert x0 <= box[0] + 1e-6 or x1 - x0 >= min_side
+    assert x1 >= math.floor(box[2] + 1e-6) or x1 - x0 >= min_side
+
+
+def test_grow_examples() -> None:
+    # Centred growth: 10 px wide box at x=100..110 -> centre 105 -> 91..119.
+    assert g.grow_box_to_min_size((100.0, 50.0, 110.0, 90.0), (640, 480)) == (91, 50, 119, 90)
+    # Slides back inside at the left/top border, and at the right/bottom border.
+    assert g.grow_box_to_min_size((0.0, 0.0, 4.0, 4.0), (640, 480)) == (0, 0, 28, 28)
+    assert g.grow_box_to_min_size((636.0, 476.0, 640.0, 480.0), (640, 480)) == (612, 452, 640, 480)
+    # Images smaller than min_side: the box becomes the full side.
+    assert g.grow_box_to_min_size((3.0, 1.0, 5.0, 2.0), (10, 20)) == (0, 0, 10, 20)
+    # Float noise just above an integer does not move the edge.
+    assert g.grow_box_to_min_size((250.00000000000003, 0.0, 500.0, 100.0), (1000, 100)) == (250, 0, 500, 100)
+    # Large boxes are only truncated.
+    assert g.grow_box_to_min_size((10.7, 20.2, 200.9, 300.5), (640, 480)) == (10, 20, 200, 300)
+
+
+def test_normalise_box() -> None:
+    assert g.normalise_box((160, 120, 320, 480), (640, 480)) == (0.25, 0.25, 0.5, 1.0)
+
+
+def test_crop_is_encodable_aspect() -> None:
+    assert not g.crop_is_encodable((0, 0, 6000, 28), 28, 56 * 56, 28 * 28 * 1280)
+    assert g.crop_is_encodable((0, 0, 5600, 28), 28, 56 * 56, 28 * 28 * 1280)
+
+
+# ---------------------------------------------------------------- splicing
+
+
+@given(
+    n_pre=st.integers(1, 20),
+    gh=st.integers(1, 8),
+    gw=st.integers(1, 8),
+    n_post=st.integers(1, 20),
+    rh=st.integers(1, 8),
+    rw=st.integers(1, 8),
+    data=st.data(),
+)
+def test_splice_ids_and_positions(
+    n_pre: int, gh: int, gw: int, n_post: int, rh: int, rw: int, data: st.DataObject
+) -> None:
+    n_img = gh * gw
+    coarse_len = n_pre + n_img + n_post
+    coarse_ids = np.arange(1000, 1000 + coarse_len, dtype=np.int32)
+    layout = g.splice_layout(coarse_len, n_pre, n_img, rh * rw)
+    assert layout.total_len == layout.prefix_len + rh * rw + 2 + layout.suffix_len
+    assert layout.prefix_len + layout.suffix_len == coarse_len
+
+    ids = g.splice_token_ids(coarse_ids, layout, VS, VE, PAD)
+    assert ids.dtype == np.int64 and ids.shape == (layout.total_len,)
+    roi_slice = slice(layout.prefix_len, layout.prefix_len + rh * rw + 2)
+    assert ids[roi_slice][0] == VS and ids[roi_slice][-1] == VE and np.all(ids[roi_slice][1:-1] == PAD)
+    kept = np.concatenate([ids[: layout.prefix_len], ids[roi_slice.stop :]])
+    assert np.array_equal(kept, coarse_ids)  # coarse tokens keep their order
+
+    x0 = data.draw(st.integers(0, gw - 1))
+    x1 = data.draw(st.integers(x0 + 1, gw))
+    y0 = data.draw(st.integers(0, gh - 1))
+    y1 = data.draw(st.integers(y0 + 1, gh))
+    coarse = coarse_positions_for(n_pre, gh, gw, n_post)
+    s = float(n_pre)
+    for aligned in (True, False):
+        pos = g.roi_position_ids(coarse, layout, n_pre, (gh, gw), (rh, rw), (x0, y0, x1, y1), aligned)
+        assert pos.shape == (3, layout.total_len)
+        assert np.array_equal(pos[:, : layout.prefix_len], coarse[:, : layout.prefix_len])
+        after = pos[:, roi_slice.stop - 1 :]  # RoI <ve> then the suffix text
+        assert np.all(np.diff(after[0]) > 0) and np.all(after[0] == after[1]) and np.all(after[1] == after[2])
+        assert after[0, 0] > pos[:, : roi_slice.stop - 1].max()  # nothing after the RoI overlaps it
+        roi = pos[:, layout.roi_start : layout.roi_start + rh * rw]
+        if aligned:
+            assert roi[1].min() >= s + y0 - 1e-9 and roi[1].max() <= s + y1 - 1 + 1e-9
+            assert roi[2].min() >= s + x0 - 1e-9 and roi[2].max() <= s + x1 - 1 + 1e-9
+        assert g.decode_start_position(pos) == pos[0, -1] + 1
+
+
+def test_splice_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError):
+        g.splice_layout(10, image_start=5, num_image_tokens=5, roi_tokens=4)
+    layout = g.splice_layout(12, 5, 5, 4)
+    with pytest.raises(ValueError):
+        g.splice_token_ids(np.arange(11), layout, VS, VE, PAD)
+    coarse = coarse_positions_for(5, 1, 5, 2)
+    with pytest.raises(ValueError):
+        g.roi_position_ids(coarse, layout, 5, (1, 5), (2, 3), (0, 0, 2, 1), aligned=True)
+    with pytest.raises(ValueError):
+        g.roi_position_ids(coarse, layout, 5, (1, 5), (2, 2), (0, 0, 6, 1), aligned=True)
