@@ -93,8 +93,9 @@ class QZoomEngine:
         """Decode and tokenise one record; a bad record comes back as an error result."""
         return preprocess.prepare_record(self, record)
 
-    def prepare_roi(self, request: ZoomRequest) -> PreparedRoi:
-        return preprocess.prepare_roi(self, request)
+    def prepare_roi(self, request: ZoomRequest, image=None) -> PreparedRoi:
+        """Crop + process the RoI of ``request``; pass ``image`` when the request lost its decoded image."""
+        return preprocess.prepare_roi(self, request, image)
 
     # ------------------------------------------------------------------ helpers
     def _to_batch(self, preps: Sequence[PreparedRecord]) -> _Batch:
@@ -145,8 +146,8 @@ class QZoomEngine:
             answer=answer.strip(),
             route=route,
             zoomed=route == ROUTE_ZOOM,
-            image_width=p.image.width,
-            image_height=p.image.height,
+            image_width=p.image_wh[0],
+            image_height=p.image_wh[1],
             coarse_visual_tokens=p.num_image_tokens,
             output_tokens=len(tokens),
             token_ids=tokens,
@@ -273,7 +274,7 @@ class QZoomEngine:
             if box_grid is None:
                 routes[b] = ROUTE_EMPTY_MAP
                 continue
-            wh = (p.image.width, p.image.height)
+            wh = p.image_wh
             box_px = geometry.grow_box_to_min_size(
                 geometry.grid_box_to_pixels(box_grid, (gh, gw), wh), wh, zoom.min_roi_px
             )
@@ -327,7 +328,7 @@ class QZoomEngine:
         out = []
         for i, ((req, roi), toks, ans) in enumerate(zip(items, tokens, self._answers(tokens), strict=True)):
             p = req.prepared
-            wh = (p.image.width, p.image.height)
+            wh = p.image_wh
             out.append(
                 self._result(
                     p,

@@ -54,6 +54,7 @@ def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord 
     image_start = int(np.flatnonzero(input_ids == engine.image_token_id)[0])
     return PreparedRecord(
         record=record,
+        image_wh=(image.width, image.height),
         image=image,
         input_ids=input_ids,
         pixel_values=np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
@@ -74,9 +75,13 @@ def roi_budget(engine: QZoomEngine, prepared: PreparedRecord) -> tuple[int, int]
     return (zoom.roi_min_pixels or prepared.min_pixels, zoom.roi_max_pixels or prepared.max_pixels)
 
 
-def prepare_roi(engine: QZoomEngine, request: ZoomRequest) -> PreparedRoi:
+def prepare_roi(engine: QZoomEngine, request: ZoomRequest, image=None) -> PreparedRoi:
+    """Crop the original image at the request's box and process it; ``image`` overrides the kept one."""
     t0 = time.perf_counter()
-    crop = crop_image(request.prepared.image, request.box_px)
+    source = image if image is not None else request.prepared.image
+    if source is None:
+        raise ValueError("prepare_roi needs the original image (pass image= after a process boundary)")
+    crop = crop_image(source, request.box_px)
     lo, hi = roi_budget(engine, request.prepared)
     out = engine.processor.image_processor(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))
     return PreparedRoi(

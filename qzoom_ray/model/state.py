@@ -62,7 +62,7 @@ class PreparedRecord:
     """CPU-side output for one record: tokenised prompt and the global view's patches."""
 
     record: EngineRecord
-    image: Any  # the decoded original (RGB PIL image), cropped for the RoI pass
+    image_wh: tuple[int, int]  # original (width, height) in pixels
     input_ids: np.ndarray  # (seq,) int64, unpadded
     pixel_values: np.ndarray  # (patches, patch_dim) float32
     grid_thw: tuple[int, int, int]
@@ -73,6 +73,9 @@ class PreparedRecord:
     roi_thresh: float
     max_new_tokens: int
     prep_s: float = 0.0
+    #: The decoded original (RGB PIL image) for the RoI crop; None once the record has crossed a
+    #: process boundary (a pipeline re-decodes the compressed bytes for the few gated records).
+    image: Any = None
 
     @property
     def num_image_tokens(self) -> int:
