@@ -13,6 +13,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach a model hub; fail fast instead of waiting on network timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Small budgets keep CPU tests fast: 64..256 visual tokens.
 TEST_MIN_PIXELS = 64 * 28 * 28

@@ -62,30 +62,39 @@ def run_records(
     # Similar lengths together: less padding per batch. Results go back to input order below.
     prepared.sort(key=lambda item: len(item[1].input_ids))
     index_of = {id(p): i for i, p in prepared}
-    requests: list[tuple[int, ZoomRequest]] = []
     size = engine.config.max_batch_size
+    pending: list[tuple[int, ZoomRequest]] = []
+
+    def run_zoom(batch: list[tuple[int, ZoomRequest]]) -> None:
+        items = []
+        for i, req in batch:
+            try:
+                items.append((i, (req, engine.prepare_roi(req))))
+            except Exception as exc:
+                results[i] = _internal_error(req, exc)
+        if not items:
+            return
+        outs = run_isolated(
+            lambda b: engine.zoom([it for _, it in b], return_logits=return_logits),
+            items,
+            lambda item, exc: _internal_error(item[1], exc),
+        )
+        for (i, _), out in zip(items, outs, strict=True):
+            results[i] = out
+
     for batch in chunks([p for _, p in prepared], size):
         outs = run_isolated(
             lambda b: engine.coarse(b, keep_prefix=True, return_logits=return_logits), batch, _internal_error
         )
         for prep, out in zip(batch, outs, strict=True):
             if isinstance(out, ZoomRequest):
-                requests.append((index_of[id(prep)], out))
+                pending.append((index_of[id(prep)], out))
             else:
                 results[index_of[id(prep)]] = out
-
-    items = []
-    for i, req in requests:
-        try:
-            items.append((i, (req, engine.prepare_roi(req))))
-        except Exception as exc:
-            results[i] = _internal_error(req, exc)
-    for batch in chunks(items, size):
-        outs = run_isolated(
-            lambda b: engine.zoom([it for _, it in b], return_logits=return_logits),
-            batch,
-            lambda item, exc: _internal_error(item[1], exc),
-        )
-        for (i, _), out in zip(batch, outs, strict=True):
-            results[i] = out
+        # Zoom as soon as a full batch is waiting: at most ~2 batches of prefix KV are alive at once.
+        while len(pending) >= size:
+            run_zoom(pending[:size])
+            pending = pending[size:]
+    if pending:
+        run_zoom(pending)
     return [results[i] for i in range(len(records))]

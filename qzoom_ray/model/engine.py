@@ -232,12 +232,14 @@ class QZoomEngine:
             if keep_prefix:
                 p = preps[b]
                 start, plen = batch.pads[b], p.image_start + p.num_image_tokens + 1
+                # Copies, so the batch-wide cache can be freed while the request waits for its crop.
                 prefix = PrefixState(
                     kv=[
-                        tuple(t[b, :, start : start + plen] for t in layer_kv(cache, i)) for i in range(self.K)
+                        tuple(t[b, :, start : start + plen].clone() for t in layer_kv(cache, i))
+                        for i in range(self.K)
                     ],
-                    hidden_k=h_k[b, start : start + plen],
-                    global_features=batch.features[b],
+                    hidden_k=h_k[b, start : start + plen].clone(),
+                    global_features=batch.features[b].clone(),
                 )
             box_grid, box_px = boxes[b]
             results[b] = ZoomRequest(
