@@ -83,12 +83,16 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def roi_logits(
         self, score_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        """``(batch, seq)`` mean-over-heads q(last token)·k(j)/sqrt(d) from the twig's last layer."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoI scores from the twig's last layer: ``(batch, seq)`` mean-over-heads q(last)·k(j)/sqrt(d),
+        and optional ``(batch, seq)`` sink scores (Qwen3-VL derives its sink mask from token 0's query)."""
 
     @abstractmethod
-    def sink_mask(self, grid_hw: tuple[int, int]) -> np.ndarray | None:
-        """Cells of the RoI map to zero before thresholding (True = keep), or None."""
+    def sink_mask(self, grid_hw: tuple[int, int], sink_scores: np.ndarray | None) -> np.ndarray | None:
+        """Cells of one record's RoI map to zero before thresholding (True = keep), or None.
+
+        ``sink_scores`` are that record's image-token sink scores in grid order, when the adapter makes them.
+        """
 
     def run_layers(
         self,

@@ -261,14 +261,17 @@ class QZoomEngine:
         sub_emb = tuple(t.index_select(0, rows) for t in pos_emb)
         sub_mask = a.causal_mask(h, batch.attention_mask[rows], None, 0)
         twig_h = self.heads.twig_hidden(h, {"attention_mask": sub_mask, "position_embeddings": sub_emb})
-        logits = a.roi_logits(self.heads.twig_score_layer, twig_h, sub_emb).float().cpu().numpy()
+        scores, sink_scores = a.roi_logits(self.heads.twig_score_layer, twig_h, sub_emb)
+        logits = scores.float().cpu().numpy()
+        sinks = None if sink_scores is None else sink_scores.float().cpu().numpy()
         zoom = self.config.zoom
         for i, b in enumerate(gated):
             p = preps[b]
             gh, gw = p.merged_grid
             col = batch.pads[b] + p.image_start
-            logit_map = logits[i, col : col + gh * gw].reshape(gh, gw)
-            sink = a.sink_mask((gh, gw)) if zoom.sink_mask else None
+            cells = slice(col, col + gh * gw)
+            logit_map = logits[i, cells].reshape(gh, gw)
+            sink = a.sink_mask((gh, gw), None if sinks is None else sinks[i, cells]) if zoom.sink_mask else None
             prob = geometry.roi_prob_map(logit_map, sink)
             if zoom.return_roi_map:
                 maps[b] = prob.astype(np.float32)

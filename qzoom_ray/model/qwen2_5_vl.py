@@ -90,7 +90,7 @@ class Qwen25VLAdapter(BackboneAdapter):
 
     def roi_logits(
         self, score_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, None]:
         attn = score_layer.self_attn
         bsz, seq, _ = hidden.shape
         head_dim = attn.head_dim
@@ -103,7 +103,8 @@ class Qwen25VLAdapter(BackboneAdapter):
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         k = repeat_kv(k, q.shape[1] // k.shape[1])
         scores = torch.matmul(q, k.transpose(-1, -2)).squeeze(2) / math.sqrt(head_dim)  # (B, H, S)
-        return scores.mean(dim=1)
+        return scores.mean(dim=1), None
 
-    def sink_mask(self, grid_hw: tuple[int, int]) -> np.ndarray | None:
+    def sink_mask(self, grid_hw: tuple[int, int], sink_scores: np.ndarray | None = None) -> np.ndarray | None:
+        # Qwen2.5-VL's sinks sit in fixed top-left strips (spec §3.3.1); no scores needed.
         return geometry.qwen25_sink_mask(*grid_hw)

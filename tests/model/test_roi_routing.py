@@ -1,0 +1,60 @@
+"""The RoI path inside a padded batch: the right map cells per row, boxes in original pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import engine_config, make_image_bytes
+
+from qzoom_ray import geometry
+from qzoom_ray.model.engine import QZoomEngine
+from qzoom_ray.model.state import ROUTE_ZOOM, EngineRecord
+
+# Per record: (width, height, hot block on the merged grid as (x0, y0, x1, y1)).
+CASES = {"wide": (900, 300, (3, 1, 6, 3)), "tall": (300, 700, (0, 4, 2, 9)), "small": (224, 224, (1, 1, 3, 3))}
+
+
+def test_boxes_follow_each_rows_map_under_left_padding(tiny_model_dir, monkeypatch):
+    engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"sink_mask": False, "roi_thresh": 0.5}))
+    records = [
+        EngineRecord(name, make_image_bytes(w, h, i), "Which code?" + " really?" * i, gate_thresh=0.0)
+        for i, (name, (w, h, _)) in enumerate(CASES.items())
+    ]
+    grids = {}
+
+    def fake_roi_logits(score_layer, hidden, pos_emb):
+        # A hot block per row, written at that row's image-token columns in the padded batch.
+        out = torch.full(hidden.shape[:2], -20.0)
+        for b, name in enumerate(order):
+            gh, gw = grids[name]
+            block = np.full((gh, gw), -20.0)
+            x0, y0, x1, y1 = CASES[name][2]
+            block[y0:y1, x0:x1] = 20.0
+            start = cols[name]
+            out[b, start : start + gh * gw] = torch.from_numpy(block.reshape(-1))
+        return out, None
+
+    preps = [engine.prepare(r) for r in records]
+    order = [p.record.id for p in preps]
+    width = max(len(p.input_ids) for p in preps)
+    cols = {p.record.id: width - len(p.input_ids) + p.image_start for p in preps}
+    grids.update({p.record.id: p.merged_grid for p in preps})
+    monkeypatch.setattr(engine.adapter, "roi_logits", fake_roi_logits)
+    outs = engine.coarse(preps, keep_prefix=True)
+    for p, req in zip(preps, outs, strict=True):
+        w, h, (x0, y0, x1, y1) = CASES[p.record.id]
+        gh, gw = p.merged_grid
+        block_logits = np.full((gh, gw), -20.0)
+        block_logits[y0:y1, x0:x1] = 20.0
+        # The blur (reflect padding) may pull a border row/column in; the box must be this row's own.
+        block = geometry.roi_box_from_map(geometry.roi_prob_map(block_logits, None), 0.5)
+        assert req.box_grid == block
+        assert block[0] <= x0 and block[1] <= y0 and block[2] >= x1 and block[3] >= y1
+        assert block[2] - block[0] <= x1 - x0 + 2 and block[3] - block[1] <= y1 - y0 + 2
+        expected = geometry.grow_box_to_min_size(geometry.grid_box_to_pixels(block, (gh, gw), (w, h)), (w, h), 28)
+        assert req.box_px == expected
+        roi = engine.prepare_roi(req)
+        result = engine.zoom([(req, roi)])[0]
+        assert result.route == ROUTE_ZOOM and result.roi_box_px == expected
+        # The crop is re-encoded at the global view's budget: small crops are magnified.
+        assert roi.num_tokens >= 64
