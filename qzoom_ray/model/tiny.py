@@ -51,7 +51,7 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 384, extra_corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Byte-level BPE with Qwen's special tokens, trained on a small fixed corpus (deterministic)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,7 +63,7 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator((_CORPUS + list(extra_corpus or [])) * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -83,34 +83,48 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerFast) -> ImageOnlyQwen2_5
     )
 
 
-def build_tiny_config(tokenizer: PreTrainedTokenizerFast, num_layers: int = 6) -> Qwen2_5_VLConfig:
+def build_tiny_config(
+    tokenizer: PreTrainedTokenizerFast,
+    num_layers: int = 6,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_depth: int = 2,
+    vision_hidden: int = 64,
+) -> Qwen2_5_VLConfig:
+    """A small Qwen2.5-VL config; M-RoPE sections scale with head_dim as in the real models (1:1.5:1.5)."""
+    head_dim = hidden_size // num_heads
+    t_sec = head_dim // 8
+    hw_sec = (head_dim // 2 - t_sec) // 2
+    mrope = [head_dim // 2 - 2 * hw_sec, hw_sec, hw_sec]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = ((len(tokenizer) + 63) // 64) * 64
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=256,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
             num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
             max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
             num_heads=4,
-            out_hidden_size=128,
+            out_hidden_size=hidden_size,
             patch_size=14,
             temporal_patch_size=2,
             spatial_merge_size=2,
             window_size=112,
-            fullatt_block_indexes=[1],
+            fullatt_block_indexes=[vision_depth - 1],
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],

@@ -1,0 +1,69 @@
+"""A plain optimisation loop (AdamW, warm-up + cosine), shared by every training stage."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 20
+
+
+@dataclass
+class LoopStats:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    samples: int = 0
+
+
+def cosine_lr(step: int, cfg: LoopConfig) -> float:
+    warmup = max(1, int(cfg.steps * cfg.warmup_ratio))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop(
+    params: Iterable[torch.nn.Parameter],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: LoopConfig,
+    on_log: Callable[[int, float, float], None] | None = None,
+) -> LoopStats:
+    """Run ``cfg.steps`` optimiser steps of ``loss_fn`` over ``batches``; only ``params`` are updated."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stats = LoopStats()
+    t0 = time.perf_counter()
+    window: list[float] = []
+    for step in range(cfg.steps):
+        batch = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg)
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        value = float(loss.detach())
+        stats.losses.append(value)
+        stats.samples += int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
+        window.append(value)
+        if on_log and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            on_log(step + 1, sum(window) / len(window), cosine_lr(step, cfg))
+            window = []
+    stats.seconds = time.perf_counter() - t0
+    return stats
