@@ -55,6 +55,7 @@ class TrainBaseConfig(StrictModel):
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs reserved per worker.")
     torch_threads: int = Field(2, ge=1, description="torch threads per CPU worker.")
     log_every: int = Field(20, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="Stop (with a fully decayed schedule) after this long.")
 
 
 def _resolve(spec: str):
@@ -120,9 +121,16 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             logger.warning("step %d/%d loss %.4f lr %.2e", step, cfg.steps, loss, lr)
 
-    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, log_every=cfg.log_every)
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_ratio=cfg.warmup_ratio,
+        log_every=cfg.log_every,
+        max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
+    )
     stats = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
     metrics = {
+        "steps": len(stats.losses),
         "final_loss": sum(stats.losses[-cfg.log_every :]) / min(len(stats.losses), cfg.log_every),
         "first_loss": sum(stats.losses[: cfg.log_every]) / min(len(stats.losses), cfg.log_every),
         "seconds": stats.seconds,
@@ -166,6 +174,7 @@ def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[st
         "config": cfg.model_dump(mode="json"),
         "wall_seconds": time.time() - t0,
         "train_seconds": metrics.get("seconds"),
+        "steps_done": metrics.get("steps"),
         "samples_seen": metrics.get("samples_per_worker", 0) * cfg.num_workers,
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("final_loss"),

@@ -18,6 +18,9 @@ class LoopConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 20
+    #: Wall-clock budget: the schedule decays by whichever comes first, steps or time, so a job
+    #: with a deadline still ends on a fully decayed learning rate.
+    max_seconds: float | None = None
 
 
 @dataclass
@@ -27,11 +30,11 @@ class LoopStats:
     samples: int = 0
 
 
-def cosine_lr(step: int, cfg: LoopConfig) -> float:
+def cosine_lr(step: int, cfg: LoopConfig, time_progress: float = 0.0) -> float:
     warmup = max(1, int(cfg.steps * cfg.warmup_ratio))
-    if step < warmup:
+    if step < warmup and time_progress < cfg.warmup_ratio:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    progress = max((step - warmup) / max(1, cfg.steps - warmup), time_progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -47,11 +50,17 @@ def train_loop(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stats = LoopStats()
     t0 = time.perf_counter()
+    lr = cfg.lr
     window: list[float] = []
     for step in range(cfg.steps):
+        elapsed = time.perf_counter() - t0
+        time_progress = elapsed / cfg.max_seconds if cfg.max_seconds else 0.0
+        if time_progress >= 1.0:
+            break
         batch = next(batches)
+        lr = cosine_lr(step, cfg, time_progress)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg)
+            group["lr"] = lr
         loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -63,7 +72,7 @@ def train_loop(
         stats.samples += int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
         window.append(value)
         if on_log and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            on_log(step + 1, sum(window) / len(window), cosine_lr(step, cfg))
+            on_log(step + 1, sum(window) / len(window), lr)
             window = []
     stats.seconds = time.perf_counter() - t0
     return stats

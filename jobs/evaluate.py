@@ -1,0 +1,89 @@
+"""Accuracy vs throughput of the baseline and Q-Zoom over budget ladders, on any labelled dataset.
+
+    python jobs/evaluate.py --data data/synth.parquet --out runs/eval
+    python jobs/evaluate.py --data data/synth.parquet --model /path/ckpt --limit 200 \\
+        --baseline-budgets 64,128,256,576,1024 --qzoom-budgets 64,128,256,576 --batch-size 4
+    python jobs/evaluate.py --data d.parquet --config configs/engine.yaml --out runs/eval
+
+Writes summary.csv, summary.md (table + speedups), tradeoff.json, pareto.png and
+predictions.parquet (one row per record and setting; the gallery reads it) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _budgets(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="labelled .parquet or .jsonl")
+    p.add_argument("--config", help="EngineConfig YAML (model, thresholds, generation)")
+    p.add_argument("--model", help="checkpoint dir / hub id; overrides the config's model.path")
+    p.add_argument("--baseline-budgets", type=_budgets, default=[64, 128, 256, 576, 1024])
+    p.add_argument("--qzoom-budgets", type=_budgets, default=[64, 128, 256, 576, 1024])
+    p.add_argument("--min-tokens", type=int, default=None, help="fixed lower budget (default: the paper's rule)")
+    p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--batch-size", type=int, default=1, help="engine batch size for every setting")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--gate-thresh", type=float, default=None)
+    p.add_argument("--roi-thresh", type=float, default=None)
+    p.add_argument("--rate-basis", choices=["model", "wall"], default="model")
+    p.add_argument("--paper-budget", type=int, default=None, help="Q-Zoom budget of the fixed-budget speedup")
+    p.add_argument("--metric", default="exact_match", help="metric for rows without a 'metric' column")
+    p.add_argument("--no-roi-maps", action="store_true", help="do not keep RoI maps in predictions.parquet")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--out", default="runs/eval")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from qzoom_ray.config import EngineConfig
+
+    cfg = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
+    data = cfg.model_dump()
+    if args.model:
+        data["model"]["path"] = args.model
+    if args.max_new_tokens:
+        data["generation"]["max_new_tokens"] = args.max_new_tokens
+    if args.gate_thresh is not None:
+        data["zoom"]["gate_thresh"] = args.gate_thresh
+    if args.roi_thresh is not None:
+        data["zoom"]["roi_thresh"] = args.roi_thresh
+    if args.threads:
+        data["torch_threads"] = args.threads
+    return EngineConfig.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from qzoom_ray.eval.data import load_labelled
+    from qzoom_ray.eval.evaluate import EvalSettings, run_evaluation
+    from qzoom_ray.eval.report import write_report
+
+    settings = EvalSettings(
+        baseline_budgets=args.baseline_budgets,
+        qzoom_budgets=args.qzoom_budgets,
+        batch_size=args.batch_size,
+        min_tokens=args.min_tokens,
+        rate_basis=args.rate_basis,
+        paper_qzoom_budget=args.paper_budget,
+        save_roi_maps=not args.no_roi_maps,
+    )
+    rows = load_labelled(args.data, args.limit, args.metric)
+    print(f"{len(rows)} records from {args.data}", flush=True)
+    runs = run_evaluation(rows, build_config(args), settings, progress=lambda m: print(m, flush=True))
+    report = write_report(runs, settings, args.out, title=f"{args.data} ({len(rows)} records)")
+    print(report["markdown"])
+    print(f"wrote {args.out}/summary.csv, summary.md, tradeoff.json, pareto.png, predictions.parquet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, accuracy-vs-throughput runs, reports and the RoI gallery."""
