@@ -58,3 +58,48 @@ def tiny_engine(tiny_model_dir):
     from qzoom_ray.model.engine import QZoomEngine
 
     return QZoomEngine(engine_config(tiny_model_dir))
+
+
+# ---- batch-job (qzoom_ray.pipeline) fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_two_gpus():
+    """A local Ray per test module with 2 CPUs and 2 logical GPUs (placement only, no CUDA)."""
+    import ray
+
+    token = os.path.expanduser("~/.ray/auth_token")
+    had_token = os.path.exists(token)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if not had_token and os.path.exists(token):
+            os.remove(token)
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A real S3 API (moto server mode) on loopback, reachable from Ray workers; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def load_job(name: str):
+    """Import ``jobs/<name>.py`` as a module (jobs/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
