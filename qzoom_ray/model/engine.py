@@ -106,7 +106,7 @@ class QZoomEngine:
         pads = []
         for b, p in enumerate(preps):
             pad = seq - len(p.input_ids)
-            ids[b, pad:] = torch.from_numpy(p.input_ids)
+            ids[b, pad:] = torch.tensor(p.input_ids, dtype=torch.long)
             mask[b, pad:] = 1
             pads.append(pad)
         ids, mask = ids.to(dev), mask.to(dev)

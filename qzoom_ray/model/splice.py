@@ -38,7 +38,8 @@ class ZoomBatch:
 def coarse_positions(engine: QZoomEngine, prepared) -> np.ndarray:
     """Stock M-RoPE ids ``(3, seq)`` of one unpadded coarse sequence."""
     dev = engine.device
-    ids = torch.from_numpy(prepared.input_ids)[None].to(dev)
+    # np.array copies: arrays that crossed a process boundary arrive read-only.
+    ids = torch.from_numpy(np.array(prepared.input_ids, dtype=np.int64))[None].to(dev)
     grid = torch.tensor([prepared.grid_thw], device=dev)
     return engine.adapter.rope_index(ids, torch.ones_like(ids), grid)[:, 0].cpu().numpy()
 
@@ -89,7 +90,7 @@ def build_zoom_batch(
     mask = torch.zeros((bsz, width), dtype=torch.long)
     pos = torch.zeros((3, bsz, width), dtype=torch.float32)
     for b, (row_ids, row_pos, off) in enumerate(zip(ids, positions, offsets, strict=True)):
-        input_ids[b, off:] = torch.from_numpy(row_ids)
+        input_ids[b, off:] = torch.tensor(row_ids, dtype=torch.long)
         mask[b, off:] = 1
         pos[:, b, off:] = torch.from_numpy(row_pos.astype(np.float32))
     input_ids, mask, pos = input_ids.to(dev), mask.to(dev), pos.to(dev)

@@ -98,6 +98,19 @@ class PrefixState:
     hidden_k: torch.Tensor  # (prefix_len, hidden) output of layer K-1
     global_features: torch.Tensor  # (num_image_tokens, hidden) ViT output of the global view
 
+    def to(self, device: torch.device | str) -> PrefixState:
+        """A copy on ``device`` (e.g. "cpu" before shipping it to another process or node)."""
+        return PrefixState(
+            kv=[(k.to(device), v.to(device)) for k, v in self.kv],
+            hidden_k=self.hidden_k.to(device),
+            global_features=self.global_features.to(device),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for kv in self.kv for t in kv] + [self.hidden_k, self.global_features]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 @dataclass
 class ZoomRequest:
