@@ -55,20 +55,8 @@ def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
     )
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    # The prefix tensors are views into the whole batch's cache; pickling a view ships its entire
-    # storage, and a CUDA tensor could not be unpickled on the CPU-only ingress. Copy to compact CPU.
-    return t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-
-
 def prefix_to(prefix: PrefixState | None, device: torch.device | str) -> PrefixState | None:
-    if prefix is None:
-        return None
-    return PrefixState(
-        kv=[(k.to(device), v.to(device)) for k, v in prefix.kv],
-        hidden_k=prefix.hidden_k.to(device),
-        global_features=prefix.global_features.to(device),
-    )
+    return None if prefix is None else prefix.to(device)
 
 
 def shippable(request: ZoomRequest) -> ZoomRequest:
@@ -79,13 +67,9 @@ def shippable(request: ZoomRequest) -> ZoomRequest:
     needed again (its ViT features travel in the prefix), so they are dropped too.
     """
     p = request.prepared
-    prefix = request.prefix
-    if prefix is not None:
-        prefix = PrefixState(
-            kv=[(_own(k), _own(v)) for k, v in prefix.kv],
-            hidden_k=_own(prefix.hidden_k),
-            global_features=_own(prefix.global_features),
-        )
+    # The engine's prefix tensors are compact copies; on CPU they pickle as they are, and a CUDA
+    # tensor could not be unpickled on the CPU-only ingress.
+    prefix = prefix_to(request.prefix, "cpu")
     pixel_values = p.pixel_values if prefix is None else np.zeros((0, p.pixel_values.shape[1]), np.float32)
     prepared = dataclasses.replace(p, image=None, pixel_values=pixel_values)
     return dataclasses.replace(request, prepared=prepared, prefix=prefix)
