@@ -111,12 +111,16 @@ def save_released_layout(model: torch.nn.Module, heads: QZoomHeads | None, out_d
     """Save ``model`` (stock save: legacy key names) plus ``heads`` as an extra shard and config fields."""
     out = Path(out_dir)
     model.save_pretrained(out)
-    if heads is None:
-        return out
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(heads.spec.to_config_dict())
+    # A loaded Q-Zoom config carries the branch fields; they must describe exactly what is saved.
+    for key in QZoomHeadsSpec.CONFIG_FIELDS:
+        cfg.pop(key, None)
+    if heads is not None:
+        cfg.update(heads.spec.to_config_dict())
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if heads is None:
+        return out
 
     head_sd = {HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     save_file(head_sd, str(out / HEADS_SHARD), metadata={"format": "pt"})

@@ -60,6 +60,12 @@ class QZoomHeadsSpec:
             reuse_src_pos=bool(cfg.get("reuse_src_pos", False)),
         )
 
+    #: Every config.json field that describes the branches (stripped from a plain backbone's config).
+    CONFIG_FIELDS = (
+        "enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T", "reuse_src_pos",
+        "roi_source", "roi_multi_head",
+    )
+
     def to_config_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["roi_source"] = "qk"
@@ -89,15 +95,19 @@ class QZoomHeads(nn.Module):
     def has_gate(self) -> bool:
         return self.high_res_head is not None
 
-    def init_from_backbone(self, base_layers: nn.ModuleList) -> None:
-        """Copy base layers K..K+T-1 into both branches (the initialisation the paper describes)."""
+    def init_from_backbone(
+        self, base_layers: nn.ModuleList, branches: tuple[str, ...] = ("twig", "gate")
+    ) -> None:
+        """Copy base layers K..K+T-1 into the named branches (the initialisation the paper describes)."""
         n = len(base_layers)
-        for branch, start in ((self.twig_layers, self.spec.twig_K), (self.high_res_layers, self.spec.high_res_K)):
+        chosen = {"twig": (self.twig_layers, self.spec.twig_K), "gate": (self.high_res_layers, self.spec.high_res_K)}
+        for name in branches:
+            branch, start = chosen[name]
             if branch is None:
                 continue
             if start + len(branch) > n:
                 raise ValueError(
-                    f"cannot initialise {len(branch)} branch layers from base layers {start}.. "
+                    f"cannot initialise {len(branch)} {name} layers from base layers {start}.. "
                     f"(the backbone has {n} layers)"
                 )
             for i, layer in enumerate(branch):

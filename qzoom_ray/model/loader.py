@@ -117,6 +117,10 @@ def load_model(cfg: ModelConfig, repetition_penalty: float | None = None) -> Loa
     finally:
         hf_logging.set_verbosity(previous)
     model.to(device).eval()
+    # The heads live apart from the backbone; a plain `save_pretrained` must not claim to have them.
+    for key in QZoomHeadsSpec.CONFIG_FIELDS:
+        if hasattr(model.config, key):
+            delattr(model.config, key)
     adapter = adapter_for(model)
 
     heads = None

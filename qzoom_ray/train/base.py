@@ -49,12 +49,12 @@ class TrainBaseConfig(StrictModel):
     steps: int = Field(2000, ge=1, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, description="Samples per step per worker.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, warm-up + cosine).")
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of the schedule spent warming up.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs reserved per worker.")
     torch_threads: int = Field(2, ge=1, description="torch threads per CPU worker.")
-    log_every: int = Field(20, ge=1)
+    log_every: int = Field(20, ge=1, description="Log the mean loss every this many steps.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (with a fully decayed schedule) after this long.")
 
 

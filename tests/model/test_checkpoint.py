@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from qzoom_ray.config import ModelConfig
 from qzoom_ray.model.checkpoint import HEADS_SHARD, SAFE_INDEX, CheckpointError, save_heads
+from qzoom_ray.model.heads import QZoomHeadsSpec
 from qzoom_ray.model.loader import load_model
 
 
@@ -96,12 +97,11 @@ def test_stock_backbone_with_separately_saved_heads(tiny_model_dir, tmp_path):
     loaded.adapter.model.save_pretrained(stock)  # plain transformers save: no head tensors
     loaded.processor.save_pretrained(stock)
     cfg = json.loads((stock / "config.json").read_text())
-    # A declared-but-absent branch is an error of its own; a stock config has no branch fields.
-    (stock / "config.json").write_text(json.dumps(cfg))
+    assert not set(cfg) & set(QZoomHeadsSpec.CONFIG_FIELDS), "a plain save must not claim heads"
+    # A config that declares branches without their tensors is an error of its own.
+    (stock / "config.json").write_text(json.dumps({**cfg, **loaded.heads.spec.to_config_dict()}))
     with pytest.raises(CheckpointError, match="74 missing tensors"):
         load_model(ModelConfig(path=str(stock)))
-    for field in ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T", "reuse_src_pos"):
-        cfg.pop(field, None)
     (stock / "config.json").write_text(json.dumps(cfg))
     heads_dir = save_heads(loaded.heads, tmp_path / "heads")
 

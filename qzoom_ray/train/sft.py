@@ -1,0 +1,293 @@
+"""Stage 2: mine regressions of the RoI path and fine-tune the decoder on them (spec §4).
+
+Mining: the same stage-1 checkpoint answers every question twice, plain (baseline mode = the base
+VLM, whose layers stage 1 did not touch) and with the RoI path always on (gate threshold 0); a
+pluggable judge marks each answer right or wrong. Regressions (base right, RoI wrong) become the
+training set, optionally mixed with improvements.
+
+Training: pass 1 (coarse, twig map, box, crop) runs through the engine under inference mode, with
+the query at the last PROMPT token (the authors' Qwen2.5 code used the last token of the whole
+training sequence, spec §8.10); pass 2 re-runs all L layers on the spliced sequence with aligned
+RoI positions and teacher-forced answer tokens; CE on the answer only. Trainable: every base
+decoder layer + lm_head (not embeddings, final norm, ViT or heads).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from qzoom_ray import geometry
+from qzoom_ray.config import EngineConfig, ModelConfig, StrictModel
+from qzoom_ray.eval.metrics import score
+from qzoom_ray.model.state import EngineRecord, ZoomRequest
+from qzoom_ray.train.common import (
+    LossModule,
+    StageConfig,
+    endless,
+    load_for_training,
+    run_stage,
+    save_checkpoint,
+    set_trainable,
+    shard_rows,
+    train_and_report,
+    worker_setup,
+)
+from qzoom_ray.train.data import IGNORE_INDEX
+from qzoom_ray.train.forward import left_pad
+
+
+# ---------------------------------------------------------------------------------------------- judges
+class Judge(Protocol):
+    def __call__(self, rows: list[dict[str, Any]], preds_a: list[str], preds_b: list[str]) -> list[tuple[bool, bool]]:
+        """Per row: (A correct, B correct)."""
+
+
+def _answers(row: dict[str, Any]) -> list[str]:
+    answers = row.get("answers")
+    out = [str(a) for a in answers] if answers is not None and len(answers) else []
+    if row.get("answer") is not None and str(row["answer"]) not in out:
+        out.insert(0, str(row["answer"]))
+    return out
+
+
+class MetricJudge:
+    """Ground truth + the row's metric (exact match / ANLS / relaxed / multiple choice): correct iff score >= pass_score."""
+
+    def __init__(self, pass_score: float = 0.5):
+        self.pass_score = pass_score
+
+    def __call__(self, rows, preds_a, preds_b):
+        def ok(row, pred):
+            return score(pred, _answers(row), str(row.get("metric") or "exact_match"), row.get("choices")) >= self.pass_score
+
+        return [(ok(r, a), ok(r, b)) for r, a, b in zip(rows, preds_a, preds_b, strict=True)]
+
+
+JUDGE_PROMPT = (
+    "You are a fair and robust evaluator; judge semantic correctness, not string match.\n"
+    "Question: {question}\nGround Truth: {gt}\nModel A Prediction: {a}\nModel B Prediction: {b}\n"
+    "A prediction is correct if it contains the ground truth or a standard synonym (Yes=True, 10%=0.1); "
+    "ignore punctuation and case; answer No only if it is factually wrong or missing.\n"
+    "Output exactly two lines:\nA: Yes|No\nB: Yes|No"
+)
+
+
+class LlmJudge:
+    """An instruction-following VLM served by the engine (baseline mode) judges A and B (spec §4.1).
+
+    The engine answers image+text records only, so the text-only judge prompt goes with a tiny blank
+    image; unparsable replies fall back to the metric judge.
+    """
+
+    def __init__(self, engine: Any, fallback: Judge | None = None):
+        self.engine = engine
+        self.fallback = fallback or MetricJudge()
+
+    def __call__(self, rows, preds_a, preds_b):
+        from PIL import Image
+
+        blank = Image.new("RGB", (56, 56), (255, 255, 255))
+        px = 4 * self.engine.adapter.token_px**2
+        recs = [EngineRecord(str(i), blank, JUDGE_PROMPT.format(question=r["question"], gt=" | ".join(_answers(r)),
+                                                                 a=a, b=b), min_pixels=px, max_pixels=px)
+                for i, (r, a, b) in enumerate(zip(rows, preds_a, preds_b, strict=True))]
+        out = []
+        for res, r, a, b in zip(self.engine.generate(recs), rows, preds_a, preds_b, strict=True):
+            found = dict(re.findall(r"\b([ab])\s*:\s*(yes|no)\b", (res.answer or "").lower()))
+            if "a" in found and "b" in found:
+                out.append((found["a"] == "yes", found["b"] == "yes"))
+            else:
+                out.append(self.fallback([r], [a], [b])[0])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- mining
+class MineConfig(StrictModel):
+    model: ModelConfig = Field(..., description="The stage-1 checkpoint (baseline mode on it = the base VLM).")
+    budget_tokens: int = Field(576, ge=4, description="Both paths see the image at exactly this budget (authors: 576).")
+    roi_thresh: float = Field(0.1, ge=0, description="tau_roi of the always-on RoI path.")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    judge: Literal["metric", "llm"] = "metric"
+    judge_model: ModelConfig | None = Field(None, description="Judge checkpoint for judge='llm'.")
+    pass_score: float = Field(0.5, description="Metric judge: correct iff score >= this.")
+    target: Literal["base", "ground_truth"] = Field(
+        "base", description="SFT target: the base model's (correct) answer, or the ground truth (--use-gt)."
+    )
+    torch_threads: int | None = None
+
+
+def engine_config(model: ModelConfig, mode: str, budget_tokens: int, roi_thresh: float = 0.1,
+                  batch_size: int = 8, max_new_tokens: int = 32) -> EngineConfig:
+    px = budget_tokens * 28**2
+    return EngineConfig.model_validate({
+        "model": model.model_dump(),
+        "zoom": {"mode": mode, "gate_thresh": 0.0, "roi_thresh": roi_thresh, "min_pixels": px, "max_pixels": px,
+                 "reuse_src_pos": True},
+        "generation": {"max_new_tokens": max_new_tokens},
+        "max_batch_size": batch_size,
+    })
+
+
+class RegressionMiner:
+    """Rows in (id, image, question, answer/answers, metric, choices); every row out with A/B verdicts."""
+
+    def __init__(self, cfg: MineConfig, loaded: Any = None, judge: Judge | None = None):
+        from qzoom_ray.model.engine import QZoomEngine
+        from qzoom_ray.model.loader import load_model
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        loaded = loaded or load_model(cfg.model)
+        args = (cfg.budget_tokens, cfg.roi_thresh, cfg.batch_size, cfg.max_new_tokens)
+        self.base = QZoomEngine(engine_config(cfg.model, "baseline", *args), loaded=loaded)
+        self.roi = QZoomEngine(engine_config(cfg.model, "qzoom", *args), loaded=loaded)
+        if judge is None and cfg.judge == "llm":
+            if cfg.judge_model is None:
+                raise ValueError("judge='llm' needs judge_model")
+            judge = LlmJudge(QZoomEngine(engine_config(cfg.judge_model, "baseline", 4, batch_size=cfg.batch_size)))
+        self.judge = judge or MetricJudge(cfg.pass_score)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        recs = [EngineRecord(str(i), _image_bytes(r["image"]), str(r["question"])) for i, r in enumerate(rows)]
+        base = self.base.generate(recs)
+        roi = self.roi.generate(recs)
+        preds_a = [r.answer or "" for r in base]
+        preds_b = [r.answer or "" for r in roi]
+        verdicts = self.judge(rows, preds_a, preds_b)
+        out = []
+        for r, a, b, ra, (ok_a, ok_b) in zip(rows, preds_a, preds_b, roi, verdicts, strict=True):
+            zoomed = ra.route == "zoom"  # a fallback answered directly: not a verdict on the RoI path
+            kind = "regression" if ok_a and not ok_b and zoomed else "improvement" if ok_b and not ok_a and zoomed else "same"
+            out.append({
+                "id": str(r.get("id", "")), "image": _image_bytes(r["image"]), "question": str(r["question"]),
+                "answers": _answers(r), "base_prediction": a, "roi_prediction": b, "base_ok": ok_a, "roi_ok": ok_b,
+                "roi_route": ra.route, "kind": kind,
+                "target": a if self.cfg.target == "base" and ok_a else (_answers(r) or [a])[0],
+            })
+        return out
+
+
+def _image_bytes(value: Any) -> bytes:
+    return bytes(value["bytes"] if isinstance(value, dict) else value)
+
+
+def select_training_rows(rows: list[dict[str, Any]], mixing_ratio: float, seed: int) -> list[dict[str, Any]]:
+    """Regressions + ``mixing_ratio`` x as many improvements (seeded sample); the authors used 0."""
+    reg = [r for r in rows if r["kind"] == "regression"]
+    imp = [r for r in rows if r["kind"] == "improvement"]
+    n = min(len(imp), int(round(mixing_ratio * len(reg))))
+    rng = np.random.default_rng(seed)
+    return reg + [imp[int(i)] for i in rng.choice(len(imp), size=n, replace=False)] if n else reg
+
+
+# ---------------------------------------------------------------------------------------------- training
+class SftConfig(StageConfig):
+    budget_tokens: int = Field(576, ge=4, description="Image budget of pass 1 (and of the crop).")
+    roi_thresh: float = Field(0.1, ge=0, description="tau_roi of pass 1.")
+    lr: float = 1e-6
+
+
+def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dict[str, Any] | None:
+    """Pass 1 under inference mode -> spliced ids, aligned positions, labels and ViT features; None: no RoI."""
+    px = budget_tokens * engine.adapter.token_px**2
+    prep = engine.prepare(EngineRecord(str(row.get("id", "")), _image_bytes(row["image"]), str(row["question"]),
+                                       min_pixels=px, max_pixels=px, gate_thresh=0.0))
+    if not hasattr(prep, "input_ids"):
+        return None
+    out = engine.coarse([prep], keep_prefix=False)[0]
+    if not isinstance(out, ZoomRequest):  # empty map or unencodable crop: no zoomed view to learn from
+        return None
+    from qzoom_ray.model.splice import coarse_positions
+
+    roi = engine.prepare_roi(out)
+    layout = geometry.splice_layout(len(prep.input_ids), prep.image_start, prep.num_image_tokens, roi.num_tokens)
+    ids = geometry.splice_token_ids(prep.input_ids, layout, engine.vision_start_id, engine.vision_end_id,
+                                    engine.image_token_id)
+    pos = geometry.roi_position_ids(coarse_positions(engine, prep), layout, prep.image_start, prep.merged_grid,
+                                    roi.merged_grid, out.box_grid, aligned=True)
+    tok = engine.processor.tokenizer
+    ans = np.asarray(tok(str(row["target"]) + "<|im_end|>", add_special_tokens=False)["input_ids"], dtype=np.int64)
+    start = geometry.decode_start_position(pos)
+    ans_pos = np.repeat((start + np.arange(len(ans)))[None], 3, axis=0)
+    with torch.no_grad():  # the ViT is frozen; both views in one call
+        pixels = torch.from_numpy(np.concatenate([prep.pixel_values, roi.pixel_values])).to(engine.device)
+        feats = engine.adapter.encode_images(pixels, torch.tensor([prep.grid_thw, roi.grid_thw], device=engine.device))
+    return {
+        "ids": np.concatenate([ids, ans]),
+        "labels": np.concatenate([np.full(len(ids), IGNORE_INDEX, dtype=np.int64), ans]),
+        "positions": np.concatenate([pos, ans_pos], axis=1),
+        "features": torch.cat(feats),
+    }
+
+
+def sft_loss_fn(engine: Any, budget_tokens: int):
+    a = engine.adapter
+
+    def loss(rows: list[dict[str, Any]]) -> torch.Tensor:
+        ex = [e for e in (spliced_example(engine, r, budget_tokens) for r in rows) if e is not None]
+        if not ex:  # touch every trainable tensor so DDP ranks still agree on the gradients
+            return sum(p.sum() for p in a.model.parameters() if p.requires_grad) * 0.0
+        ids, mask, pads = left_pad([e["ids"] for e in ex], engine.pad_id)
+        labels, _, _ = left_pad([e["labels"] for e in ex], IGNORE_INDEX)
+        pos = torch.zeros((3, len(ex), ids.shape[1]), dtype=torch.float32)
+        for b, (e, p) in enumerate(zip(ex, pads, strict=True)):
+            pos[:, b, p:] = torch.from_numpy(e["positions"].astype(np.float32))
+        dev = engine.device
+        ids, mask, labels, pos = ids.to(dev), mask.to(dev), labels.to(dev), pos.to(dev)
+        with torch.no_grad():  # embeddings and ViT are frozen
+            embeds = a.embed_tokens(ids)
+            embeds = embeds.masked_scatter((ids == engine.image_token_id).unsqueeze(-1),
+                                           torch.cat([e["features"] for e in ex]).to(embeds.dtype))
+        h = a.run_layers(embeds, 0, a.num_layers, position_embeddings=a.position_embeddings(embeds, pos),
+                         attention_mask=a.causal_mask(embeds, mask, None, 0), cache=None)
+        logits = a.lm_head(a.final_norm(h[:, :-1])).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+    return loss
+
+
+def sft_trainable(loaded: Any) -> list[torch.nn.Module]:
+    model = loaded.adapter.model
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(),
+                                                                      "tie_word_embeddings", False):
+        # Unfreezing a tied lm_head would silently train the input embeddings too (spec §8.18b).
+        return [loaded.adapter.layers]
+    return [loaded.adapter.layers, model.lm_head]
+
+
+def sft_worker(config: dict[str, Any]) -> None:
+    from qzoom_ray.model.engine import QZoomEngine
+
+    cfg = SftConfig.model_validate(config)
+    rank, device = worker_setup(cfg)
+    loaded = load_for_training(cfg, device)
+    if loaded.heads is None:
+        raise ValueError("stage 2 starts from a stage-1 checkpoint (it needs the twig)")
+    mcfg = ModelConfig(path=cfg.init_from, device=device.type, dtype=cfg.dtype)
+    engine = QZoomEngine(engine_config(mcfg, "qzoom", cfg.budget_tokens, cfg.roi_thresh), loaded=loaded)
+    set_trainable(sft_trainable(loaded), [loaded.adapter.model, loaded.heads])
+    loaded.adapter.model.train()
+    module = LossModule(loaded.adapter.model, sft_loss_fn(engine, cfg.budget_tokens))
+    batches = endless(shard_rows(cfg.batch_size, cfg.seed + rank))
+
+    def save(out):
+        loaded.adapter.model.eval()
+        save_checkpoint(loaded, loaded.heads, out)
+
+    train_and_report(cfg, rank, module, batches, save)
+
+
+def train_sft(cfg: SftConfig, data_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    return run_stage("sft", sft_worker, cfg, data_summary or {})
+
+
+def miner_factory(cfg: dict[str, Any]) -> RegressionMiner:
+    return RegressionMiner(MineConfig.model_validate(cfg))

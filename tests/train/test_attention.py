@@ -1,0 +1,82 @@
+"""Hook-based attention capture equals eager attention's probabilities; head ranking and the labeller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qzoom_ray.config import ModelConfig
+from qzoom_ray.model.loader import load_model
+from qzoom_ray.train.attention import AttentionCapture
+from qzoom_ray.train.forward import build_batch, encode, image_columns
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def eager_model(tiny_model_dir):
+    return load_model(ModelConfig(path=tiny_model_dir, attn_implementation="eager"))
+
+
+def test_hooked_rows_equal_eager_attention(eager_model):
+    loaded = eager_model
+    proc, a = loaded.processor, loaded.adapter
+    tok = proc.tokenizer
+    # Two rows of different lengths: the shorter one is left-padded, so the padding mask matters.
+    enc = [encode(proc, _image(0, 150, 90), "What is the code?", 16, answer="ab 12"),
+           encode(proc, _image(1, 90, 90), "Colour?", 9, answer="red")]
+    batch = build_batch(a, enc, int(tok.pad_token_id), int(tok.convert_tokens_to_ids("<|image_pad|>")))
+    heads = {1: [0, 3], 4: None}
+    rows = [torch.arange(batch.pads[b] + e.prompt_len, batch.pads[b] + len(e.input_ids)) for b, e in enumerate(enc)]
+    keys = [torch.arange(image_columns(batch, enc, b).start, image_columns(batch, enc, b).stop) for b in range(2)]
+    grid = torch.tensor([e.grid_thw for e in enc])
+    pixels = torch.from_numpy(np.concatenate([e.pixel_values for e in enc]))
+    with AttentionCapture(a.layers, heads) as cap, torch.no_grad():
+        cap.set_targets(rows, keys, batch.attention_mask)
+        out = a.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,
+                      image_grid_thw=grid, mm_token_type_ids=(batch.input_ids == a.image_token_id).int(),
+                      output_attentions=True)
+    assert set(cap.results) == {1, 4}
+    for layer, hs in heads.items():
+        sel = list(range(a.text_config.num_attention_heads)) if hs is None else hs
+        for b in range(2):
+            eager = out.attentions[layer][b][sel][:, rows[b]][:, :, keys[b]].float()
+            got = cap.results[layer][b]
+            assert got.shape == eager.shape
+            torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-6)
+            assert got.sum() > 0
+
+
+def test_rank_heads_and_labeller_rows(eager_model):
+    from qzoom_ray.train.pseudo import (
+        AttentionReader,
+        PseudoLabelConfig,
+        PseudoLabeler,
+        _to_png,
+        rank_heads,
+        top_heads,
+    )
+
+    rows = [{"id": f"r{i}", "image": _to_png(_image(i, 112, 84)), "question": "What is the code?", "answer": "ab",
+             "evidence_box": [0, 0, 56, 42]} for i in range(3)]
+    reader = AttentionReader(None, 12, False, loaded=eager_model)
+    ranked = rank_heads(reader, rows, batch_size=2)
+    n_heads = eager_model.adapter.text_config.num_attention_heads * len(eager_model.adapter.layers)
+    assert len(ranked) == n_heads and all(0 <= d["mass"] <= 1 and d["n"] == 3 for d in ranked)
+    assert [(-d["peak_hit"], -d["mass"]) for d in ranked] == sorted((-d["peak_hit"], -d["mass"]) for d in ranked)
+    best = top_heads(ranked, 2)
+    assert sum(len(v) for v in best.values()) == 2
+
+    cfg = PseudoLabelConfig(model=ModelConfig(path="unused"), budget_tokens=12, grounding_heads=best,
+                            sink_heads={0: [1]}, answer_source="model", max_new_tokens=3, max_area_ratio=1.1,
+                            pad_to_square=True)
+    out = PseudoLabeler(cfg, loaded=eager_model)(rows)
+    assert len(out) == 3
+    for r in out:
+        assert len(r["labels"]) == r["grid_h"] * r["grid_w"] == len(r["attn_map"])
+        assert r["grid_h"] == r["grid_w"]  # square-padded view
+        assert set(r["labels"]) <= {1, 0, -100} and r["answer"]

@@ -1,0 +1,107 @@
+"""Stage-3 consistency filter, label draws, seeded mixing, and threshold calibration (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qzoom_ray.train.calibrate import NEVER, CalibrationTable, choose_thresholds, write_thresholds
+from qzoom_ray.train.consistency import (
+    EASY,
+    HALLUCINATED,
+    HARD,
+    NON_MONOTONIC,
+    UNSTABLE,
+    answers_match,
+    classify_ladder,
+    draw_label,
+    mix_hard_easy,
+)
+
+
+@pytest.mark.parametrize(
+    ("ladder", "gt", "kind", "wrong"),
+    [
+        (["7", "7", "7", "7"], "7", EASY, ()),
+        (["x", "y", "Total: 7", "total 7."], "7", HARD, (0, 1)),  # containment + punctuation/case
+        (["x", "7", "7", "7"], ["seven", "7"], HARD, (0,)),
+        (["7", "x", "7", "7"], "7", NON_MONOTONIC, (1,)),  # wrong in the middle: not a clean transition
+        (["7", "7", "7", "8"], "7", UNSTABLE, ()),  # top two disagree
+        (["8", "8", "9", "9"], "7", HALLUCINATED, ()),  # stable but not the ground truth
+        (["", "", "", ""], "7", UNSTABLE, ()),
+    ],
+)
+def test_classify_ladder(ladder, gt, kind, wrong):
+    v = classify_ladder(ladder, gt)
+    assert v.kind == kind and v.wrong == wrong
+
+
+def test_answers_match_rules():
+    assert answers_match("The answer is Red.", "red") and answers_match("red", "RED!")
+    assert not answers_match("", "red") and not answers_match("blue", "red")
+
+
+def test_draw_label_rules():
+    rng = np.random.default_rng(0)
+    easy = classify_ladder(["a"] * 5, "a")
+    draws = {draw_label(easy, 5, rng) for _ in range(50)}
+    assert draws == {(0, 0), (1, 0), (2, 0)}  # never the top two budgets
+    assert draw_label(classify_ladder(["a", "a"], "a"), 2, rng) is None
+    hard = classify_ladder(["x", "y", "z", "a", "a"], "a")
+    pos = {draw_label(hard, 5, rng, p_positive=1.0) for _ in range(50)}
+    assert pos == {(1, 1), (2, 1)}  # one of the last two wrong budgets
+    assert draw_label(hard, 5, rng, p_positive=0.0) is None  # only two correct budgets: nothing to label 0
+    hard2 = classify_ladder(["x", "a", "a", "a", "a"], "a")
+    assert {draw_label(hard2, 5, rng, p_positive=0.0) for _ in range(30)} == {(1, 0), (2, 0)}
+    assert draw_label(classify_ladder(["a", "b"], "a"), 2, rng) is None
+
+
+def test_mix_is_one_to_one_and_seeded():
+    hard, easy = list(range(5)), list(range(100, 130))
+    a = mix_hard_easy(hard, easy, seed=3)
+    assert a == mix_hard_easy(hard, easy, seed=3)  # same on every rank (spec §8.16)
+    assert a != mix_hard_easy(hard, easy, seed=4)
+    assert sorted(x for x in a if x < 100) == hard and sum(x >= 100 for x in a) == 5
+    assert len(mix_hard_easy(hard, easy[:2], seed=0)) == 7
+    assert len(mix_hard_easy(hard, easy, seed=0, max_samples=4)) == 4
+
+
+def _table() -> CalibrationTable:
+    # 10 records: direct right on 6; the RoI path (tau_roi 0.1) fixes 3 of the 4 wrong ones (high gate
+    # scores) and breaks one right one; tau_roi 0.3 fixes only one.
+    gate = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01])
+    direct = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], dtype=float)
+    z01 = np.array([1, 1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=float)
+    z03 = np.array([1, 0, 0, 0, 1, 1, 1, 1, 1, 1], dtype=float)
+    return CalibrationTable(gate, direct, {0.1: z01, 0.3: z03}, reference_accuracy=0.9)
+
+
+def test_calibration_fewest_zooms_within_tolerance():
+    c = choose_thresholds(_table(), "accuracy", max_drop=0.0)
+    assert (c["tau_roi"], c["accuracy"], c["zoom_rate"]) == (0.1, 0.9, 0.3) and c["target_met"]
+    assert 0.6 < c["tau_gate"] <= 0.7
+    loose = choose_thresholds(_table(), "accuracy", max_drop=0.15)
+    assert loose["zoom_rate"] == 0.2 and loose["accuracy"] == pytest.approx(0.8)
+
+
+def test_calibration_zoom_rate_budget_and_unreachable_target():
+    c = choose_thresholds(_table(), "zoom_rate", max_zoom_rate=0.1)
+    assert c["zoom_rate"] == pytest.approx(0.1) and c["accuracy"] == pytest.approx(0.7)
+    t = _table()
+    t.reference_accuracy = 1.0
+    c = choose_thresholds(t, "accuracy", max_drop=0.0)
+    assert not c["target_met"] and c["accuracy"] == pytest.approx(0.9)
+    assert choose_thresholds(t, "zoom_rate", max_zoom_rate=0.0)["tau_gate"] == NEVER
+
+
+def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
+    src = tmp_path / "in.yaml"
+    src.write_text("engine:\n  model: {path: m}\n  zoom: {mode: qzoom, gate_thresh: 0.1}\nbatch: 4\n")
+    out = write_thresholds(src, tmp_path / "out.yaml", 0.25, 0.15, "test")
+    import yaml
+
+    data = yaml.safe_load(out.read_text())
+    assert data["engine"]["zoom"] == {"mode": "qzoom", "gate_thresh": 0.25, "roi_thresh": 0.15}
+    assert data["batch"] == 4 and out.read_text().startswith("# tau_gate")
+    plain = write_thresholds(tmp_path / "missing.yaml", tmp_path / "new.yaml", 0.5, 0.1)
+    assert yaml.safe_load(plain.read_text()) == {"zoom": {"gate_thresh": 0.5, "roi_thresh": 0.1}}

@@ -1,0 +1,178 @@
+"""Each training stage as its Ray job on the tiny model: a few steps, the loss falls, only the intended
+parameters change, and the checkpoint loads with ``load_model``. Stages are chained 1 -> 2 -> 3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import load_job
+from PIL import Image
+
+from qzoom_ray.config import ModelConfig
+from qzoom_ray.model.loader import load_model
+
+TRAIN = {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 1, "log_every": 3, "warmup_ratio": 0.0}
+
+
+def _png(seed: int, w: int = 112, h: int = 112) -> bytes:
+    arr = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    loaded = load_model(ModelConfig(path=path, require_heads=False, device="cpu"))
+    sd = {f"model.{k}": v.clone() for k, v in loaded.adapter.model.state_dict().items()}
+    if loaded.heads is not None:
+        sd.update({f"heads.{k}": v.clone() for k, v in loaded.heads.state_dict().items()})
+    return sd
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in after if k in before and not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # address="local": never join a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("stages")
+
+
+def test_stage1_pseudo_labels_job_and_rpn(ray_local, stage_dirs, tiny_base_dir):
+    from qzoom_ray.train.rpn import RpnConfig, train_rpn
+
+    root = stage_dirs
+    rows = [{"id": f"q{i}", "image": _png(i), "question": "What is the code?", "answer": "ab12",
+             "evidence_box": [0, 0, 56, 56]} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), root / "questions.parquet")
+    job = load_job("make_pseudo_labels")
+    summary = job.run(job.PseudoLabelJob.model_validate({
+        "input": str(root / "questions.parquet"), "output": str(root / "labels"), "rows_per_batch": 2,
+        "labels": {"model": {"path": tiny_base_dir, "require_heads": False}, "budget_tokens": 16,
+                   "grounding_heads": {4: [0, 1]}, "answer_source": "ground_truth", "max_area_ratio": 1.1,
+                   "torch_threads": 1},
+    }))
+    assert summary["rows"] == 3
+    labelled = pq.read_table(root / "labels").to_pylist()
+    assert all(len(r["labels"]) == r["grid_h"] * r["grid_w"] == 16 for r in labelled)
+
+    # A learnable target: the evidence is always the top-left 2x2 cells (the random base cannot know that).
+    for r in labelled:
+        lab = np.zeros((4, 4), dtype=np.int16)
+        lab[:2, :2] = 1
+        lab[3, 3] = -100
+        r["labels"], r["valid"] = lab.ravel().tolist(), True
+    pq.write_table(pa.Table.from_pylist(labelled), root / "rpn-train.parquet")
+
+    cfg = RpnConfig(init_from=tiny_base_dir, data_path=str(root / "rpn-train.parquet"), out_dir=str(root / "s1"),
+                    twig_K=3, twig_T=3, steps=9, batch_size=3, lr=1e-2, storage_path=str(root / "ray"), **TRAIN)
+    entry = train_rpn(cfg)
+    assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
+
+    before, after = _state(tiny_base_dir), _state(cfg.out_dir)
+    changed = _changed(before, after)
+    assert not changed, f"backbone changed: {sorted(changed)[:5]}"
+    base = load_model(ModelConfig(path=tiny_base_dir, require_heads=False, device="cpu")).adapter.layers
+    for i in range(3):  # twig and gate start as copies of base layers K..K+T-1
+        for k, v in base[3 + i].state_dict().items():
+            assert torch.equal(after[f"heads.high_res_layers.{i}.{k}"], v)
+            trained = i < 2 or k.split(".")[0] == "input_layernorm" or k.startswith(("self_attn.q_proj", "self_attn.k_proj"))
+            assert torch.equal(after[f"heads.twig_layers.{i}.{k}"], v) != trained or "bias" in k and not trained, k
+    loaded = load_model(ModelConfig(path=cfg.out_dir))
+    assert loaded.heads.spec.twig_K == 3 and loaded.heads.has_gate and loaded.heads.spec.reuse_src_pos
+    card = (Path(cfg.out_dir) / "README.md").read_text()
+    assert "Stage 1" in card and json.loads((Path(cfg.out_dir) / "qzoom_training.json").read_text())[0]["stage"] == "rpn"
+
+
+def test_stage2_mine_and_sft(ray_local, stage_dirs):
+    from qzoom_ray.train.sft import MineConfig, RegressionMiner
+
+    root = stage_dirs
+    s1 = str(root / "s1")
+    if not os.path.exists(s1):
+        pytest.skip("stage 1 did not run")
+    rows = [{"id": f"q{i}", "image": _png(10 + i), "question": "What is the code?", "answer": "ab12"}
+            for i in range(2)]
+    mcfg = MineConfig(model=ModelConfig(path=s1), budget_tokens=16, roi_thresh=0.05, max_new_tokens=3)
+    # A stand-in judge (the judge is pluggable): the base path right, the RoI path wrong -> regressions.
+    miner = RegressionMiner(mcfg, judge=lambda rs, a, b: [(True, False)] * len(rs))
+    mined = miner(rows)
+    assert all(r["kind"] == "regression" for r in mined), [r["roi_route"] for r in mined]
+    (root / "mined").mkdir()
+    pq.write_table(pa.Table.from_pylist(mined), root / "mined" / "part-0.parquet")
+    job = load_job("train_sft")
+    sj = job.SftJob.model_validate({
+        "questions": "unused", "mined": str(root / "mined"), "mine": mcfg.model_dump(mode="json"),
+        "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2"), "steps": 8,
+                  "batch_size": 2, "lr": 2e-3, "budget_tokens": 16, "roi_thresh": 0.05,
+                  "storage_path": str(root / "ray"), **TRAIN},
+    })
+    entry = job.train(sj)
+    assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
+    changed = _changed(_state(s1), _state(str(root / "s2")))
+    assert changed and all(k.startswith(("model.model.language_model.layers.", "model.lm_head.")) for k in changed)
+    assert any(k.startswith("model.lm_head.") for k in changed)
+    assert len(json.loads((root / "s2" / "qzoom_training.json").read_text())) == 2
+    load_model(ModelConfig(path=str(root / "s2")))
+
+
+def test_stage3_gate_labels_and_gate(ray_local, stage_dirs):
+    from qzoom_ray.train.gate import GateConfig, gate_heads, train_gate
+
+    root = stage_dirs
+    start = str(root / "s2") if (root / "s2").exists() else str(root / "s1")
+    if not os.path.exists(start):
+        pytest.skip("stage 1 did not run")
+    job = load_job("make_gate_labels")
+    pq.write_table(pa.Table.from_pylist([{"id": "g0", "image": _png(30), "question": "Code?", "answer": "ab"}]),
+                   root / "gate-questions.parquet")
+    summary = job.run(job.LadderJob.model_validate({
+        "input": str(root / "gate-questions.parquet"), "output": str(root / "ladder"),
+        "ladder": {"model": {"path": start}, "budgets": [4, 9], "max_new_tokens": 2, "torch_threads": 1},
+    }))
+    got = pq.read_table(root / "ladder").to_pylist()[0]
+    assert summary["rows"] == 1 and got["budgets"] == [4, 9] and len(got["ms_answers"]) == 2
+
+    # Hand-made ladders: hard records (wrong at low budgets) on one kind of image, easy ones on another.
+    hard = [{"id": f"h{i}", "image": _png(40 + i), "question": "Code?", "answers": ["ab"], "budgets": [4, 9, 16],
+             "ms_answers": ["x", "ab", "ab"]} for i in range(2)]
+    easy = [{"id": f"e{i}", "image": _png(50 + i, 56, 56), "question": "Code?", "answers": ["ab"],
+             "budgets": [4, 9, 16], "ms_answers": ["ab", "ab", "ab"]} for i in range(3)]
+    unstable = [{**easy[0], "id": "u0", "ms_answers": ["ab", "ab", "cd"]}]
+    pq.write_table(pa.Table.from_pylist(hard + easy + unstable), root / "ladder-hand.parquet")
+    cfg = GateConfig(init_from=start, data_path=str(root / "ladder-hand.parquet"), out_dir=str(root / "s3"),
+                     steps=9, batch_size=4, lr=1e-2, p_positive=1.0, storage_path=str(root / "ray"), **TRAIN)
+    entry = train_gate(cfg)
+    assert entry["data"]["hard"] == 2 and entry["data"]["unstable"] == 1 and entry["data"]["mixed"] == 4
+    assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
+    changed = _changed(_state(start), _state(cfg.out_dir))
+    assert changed and all(k.startswith(("heads.high_res_layers.", "heads.high_res_head.")) for k in changed)
+    loaded = load_model(ModelConfig(path=cfg.out_dir))
+    assert loaded.heads.has_gate and "Stage 3" in (Path(cfg.out_dir) / "README.md").read_text()
+
+    # The gate branch starts from base layers K..K+T-1 of the checkpoint it is trained on (spec §8.8).
+    src = load_model(ModelConfig(path=start, device="cpu"))
+    heads = gate_heads(src, "backbone")
+    for i, layer in enumerate(heads.high_res_layers):
+        for k, v in src.adapter.layers[3 + i].state_dict().items():
+            assert torch.equal(layer.state_dict()[k], v)
