@@ -70,7 +70,7 @@ def ray_two_gpus():
 
     token = os.path.expanduser("~/.ray/auth_token")
     had_token = os.path.exists(token)
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -103,3 +103,28 @@ def load_job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- training-stage (qzoom_ray.train) fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model's backbone alone (no Q-Zoom heads): what stage 1 starts from."""
+    from qzoom_ray.config import ModelConfig
+    from qzoom_ray.model.loader import load_model
+
+    loaded = load_model(ModelConfig(path=tiny_model_dir, require_heads=False, device="cpu"))
+    out = tmp_path_factory.mktemp("tiny-base") / "base"
+    loaded.adapter.model.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    # The branch fields ride along on the model config; a stock base checkpoint has none.
+    import json
+
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T", "reuse_src_pos",
+                "roi_source", "roi_multi_head"):
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return str(out)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from qzoom_ray.model.checkpoint import save_released_layout
+from qzoom_ray.model.checkpoint import SAFE_INDEX, save_released_layout
 from qzoom_ray.model.heads import QZoomHeads, QZoomHeadsSpec
 from qzoom_ray.model.processor import QWEN25_CHAT_TEMPLATE, ImageOnlyQwen2_5_VLProcessor
 
@@ -183,7 +183,7 @@ def embedded_model_dir() -> Path:
 def ensure_embedded_model() -> Path:
     """Build the embedded tiny model once; later calls reuse the cached folder."""
     out = embedded_model_dir()
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if (out / "config.json").exists() and (out / SAFE_INDEX).exists():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     build_tiny_qzoom(tmp)
