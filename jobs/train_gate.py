@@ -6,38 +6,11 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="GateConfig YAML")
-    p.add_argument("--init-from", help="override init_from")
-    p.add_argument("--data", help="override data_path")
-    p.add_argument("--out", help="override out_dir")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--minutes", type=float)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--gpu", action="store_true")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    import ray
+    from qzoom_ray.train.cli import run_training_job
 
-    from qzoom_ray.train.gate import GateConfig, train_gate
-
-    cfg = GateConfig.from_yaml(args.config)
-    for field, value in (("init_from", args.init_from), ("data_path", args.data), ("out_dir", args.out),
-                         ("steps", args.steps), ("max_minutes", args.minutes), ("num_workers", args.workers)):
-        if value is not None:
-            setattr(cfg, field, value)
-    if args.gpu:
-        cfg.use_gpu = True
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
-    entry = train_gate(cfg)
-    print(json.dumps({k: v for k, v in entry.items() if k != "config"}, indent=2))
+    run_training_job(__doc__, "qzoom_ray.train.gate:GateConfig", "qzoom_ray.train.gate:train_gate")
 
 
 if __name__ == "__main__":
