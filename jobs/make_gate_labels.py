@@ -10,7 +10,6 @@ consistency filter and the seeded 1:1 hard/easy mix.
 
 import argparse
 import json
-import os
 
 from pydantic import Field
 
@@ -49,13 +48,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--limit", type=int)
     args = p.parse_args()
-    import ray
+    from qzoom_ray.train.cli import apply_overrides, init_ray
 
     job = LadderJob.from_yaml(args.config)
-    for key in ("input", "output", "concurrency", "limit"):
-        if getattr(args, key) is not None:
-            setattr(job, key, getattr(args, key))
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    apply_overrides(job, args, ("input", "output", "concurrency", "limit"))
+    init_ray()
     print(json.dumps(run(job), indent=2))
 
 

@@ -10,7 +10,6 @@ answer, grid_h, grid_w, attn_map, sink_map, labels (1/0/-100, row-major), valid,
 
 import argparse
 import json
-import os
 
 from pydantic import Field
 
@@ -52,13 +51,11 @@ def main() -> None:
     p.add_argument("--gpus-per-actor", type=float)
     p.add_argument("--limit", type=int)
     args = p.parse_args()
-    import ray
+    from qzoom_ray.train.cli import apply_overrides, init_ray
 
     job = PseudoLabelJob.from_yaml(args.config)
-    for key in ("input", "output", "concurrency", "gpus_per_actor", "limit"):
-        if getattr(args, key) is not None:
-            setattr(job, key, getattr(args, key))
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    apply_overrides(job, args, ("input", "output", "concurrency", "gpus_per_actor", "limit"))
+    init_ray()
     print(json.dumps(run(job), indent=2))
 
 

@@ -20,6 +20,22 @@ OVERRIDES: tuple[tuple[str, str, type], ...] = (
 )
 
 
+def apply_overrides(cfg: Any, args: argparse.Namespace, fields: tuple[str, ...]) -> None:
+    """Copy each CLI value that was given (not None) onto the config (validated on assignment)."""
+    for field in fields:
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(cfg, field, value)
+
+
+def init_ray(address: str | None = None) -> None:
+    """$RAY_ADDRESS under `ray job submit`, else a new local Ray: a bare ray.init() would join
+    whatever cluster this machine last started."""
+    import ray
+
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+
+
 def _resolve(spec: str) -> Any:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -41,18 +57,14 @@ def run_training_job(doc: str, config_cls: str, train: str) -> None:
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    import ray
-
     cfg = _resolve(config_cls).from_yaml(args.config)
-    for _, field, _ in OVERRIDES:
-        value = getattr(args, field)
-        if value is not None:
-            if field not in type(cfg).model_fields:
-                p.error(f"{type(cfg).__name__} has no field {field!r}")
-            setattr(cfg, field, value)
+    given = tuple(field for _, field, _ in OVERRIDES if getattr(args, field) is not None)
+    unknown = [f for f in given if f not in type(cfg).model_fields]
+    if unknown:
+        p.error(f"{type(cfg).__name__} has no field(s) {unknown}")
+    apply_overrides(cfg, args, given)
     if args.gpu:
         cfg.use_gpu = True
-    # "local": a bare ray.init() would join whatever cluster this machine last started.
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local")
+    init_ray(args.address)
     summary = _resolve(train)(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
