@@ -27,6 +27,7 @@ from qzoom_ray.synth.vocab import COLOURS, FIELDS, TEMPLATES, VALUE_MAX, VALUE_M
 LAYOUTS = ("form", "invoice", "table")
 INK = (20, 20, 20)
 RULE = (175, 175, 175)
+KEY_SCALE = 1.6  # cap height of field names relative to the fine text
 
 
 def _value(rng: np.random.Generator) -> str:
@@ -73,13 +74,16 @@ def render_document(
 
     # Stamp strip on the right.
     margin = int(glyph * 1.2)
-    d = int(max(0.1 * min(width, height), 3 * glyph))
+    d = int(max(0.13 * min(width, height), 3 * glyph))
     strip_x = width - margin - d
     stamps = _stamps(rng, draw, strip_x, header_h + margin, height - margin, d)
 
     # Ledger grid: blocks of (label, value) rows filling the body.
-    line = int(round(1.9 * glyph))
-    label_w = int(max(font.getlength(t) for t in (*FIELDS, "XXXX"))) + glyph
+    # Field names are printed larger than the rest (as bold keys are on real forms), so a page seen
+    # at a middling budget shows *where* 'Total' is before its value becomes legible.
+    key_font = font_for_glyph(int(round(KEY_SCALE * glyph)))
+    line = int(round(1.9 * KEY_SCALE * glyph))
+    label_w = int(max(key_font.getlength(t) for t in FIELDS)) + glyph
     value_w = int(font.getlength("999")) + glyph
     block_w = label_w + value_w + glyph
     body_x0, body_x1 = margin, strip_x - margin
@@ -87,7 +91,8 @@ def render_document(
     n_blocks = max(1, (body_x1 - body_x0) // block_w)
     n_rows = max(1, (body_y1 - body_y0) // line)
     slots = [(b, r) for b in range(n_blocks) for r in range(n_rows)]
-    n_fields = int(rng.integers(min(3, len(slots)), min(6, len(slots)) + 1))
+    # One or two keyed rows per page among rows keyed by random codes: the key is easy to spot, its value is small.
+    n_fields = int(rng.integers(1, min(2, len(slots)) + 1))
     field_names = [FIELDS[i] for i in rng.choice(len(FIELDS), n_fields, replace=False)]
     field_slots = {slots[i]: name for i, name in zip(rng.choice(len(slots), n_fields, replace=False), field_names, strict=True)}
 
@@ -97,10 +102,10 @@ def render_document(
         if name is None and rng.random() > 0.85:
             continue  # a few blank rows, as on real forms
         x = body_x0 + b * block_w
-        y_base = body_y0 + r * line + int(glyph * 1.35)
+        y_base = body_y0 + r * line + int(glyph * 1.35 * KEY_SCALE)
         label = name if name is not None else random_code(rng, int(rng.integers(2, 5)))
         value = _value(rng)
-        lbox = draw_text(draw, (x, y_base), label, font, INK, texts)
+        lbox = draw_text(draw, (x, y_base), label, key_font if name is not None else font, INK, texts)
         vbox = draw_text(draw, (x + label_w, y_base), value, font, INK, texts)
         cell = (x - glyph // 3, body_y0 + r * line, x + block_w - glyph // 2, body_y0 + (r + 1) * line)
         if layout == "table":

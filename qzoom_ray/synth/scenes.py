@@ -1,7 +1,9 @@
-"""Cluttered scenes: 2-6 large coloured shapes, each carrying a small white tag with a code.
+"""Cluttered scenes: 2-5 large coloured shapes, one of which carries a small white tag with a code.
 
 Every shape in a scene has a different type and a different colour, so "the red triangle" and
-"the triangle" are unambiguous. The clutter (pale blobs, grey lines, grey distractor codes) never
+"the triangle" are unambiguous. Only one shape is tagged, as a label or a sticker is on one object
+of a real scene: finding it is easy at any budget (a white patch on a saturated shape), reading it
+is not. The clutter (pale blobs, grey lines, grey distractor codes) never
 uses a palette colour, so colour and count questions stay answerable at a tiny budget, while the
 code on a tag has the fine glyph size of the split.
 """
@@ -17,7 +19,7 @@ from qzoom_ray.synth.common import SynthRecord, draw_text, pad_box, random_code,
 from qzoom_ray.synth.sizing import fine_glyph_px, font_for_glyph
 from qzoom_ray.synth.vocab import COLOURS, SHAPES, TEMPLATES
 
-MAX_SHAPES = 6
+MAX_SHAPES = 5
 
 
 def shape_outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -90,31 +92,32 @@ def render_scene(rng: np.random.Generator, split: str, width: int, height: int, 
     tag_w, tag_h = font.getlength("X" * 2) + 2 * pad, 1.6 * glyph
     # Circumradius: a share of the short side, but large enough for the tag to fit inside a star.
     r_min = math.hypot(tag_w / 2, tag_h / 2) / INRADIUS["star"] * 1.1
-    r = max(float(rng.uniform(0.08, 0.13)) * min(width, height), r_min)
+    # At least about two visual tokens across at the lowest budget (Max-64), so the shape is recognisable.
+    r = max(float(rng.uniform(0.12, 0.16)) * min(width, height), r_min)
     centres = _place(rng, width, height, n_wanted, r)
     if not centres:
         raise ValueError(f"scene {width}x{height} too small for shapes of radius {r:.0f}")
     shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), len(centres), replace=False)]
     colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), len(centres), replace=False)]
-    codes: list[str] = []
-    while len(codes) < len(centres):
-        code = random_code(rng)
-        if code not in codes:
-            codes.append(code)
+    tagged = int(rng.integers(len(centres)))
+    codes: list[str | None] = [None] * len(centres)
+    codes[tagged] = random_code(rng)
 
     bg = tuple(int(v) for v in rng.integers(225, 250, 3))
     img = Image.new("RGB", (width, height), bg)  # type: ignore[arg-type]
     draw = ImageDraw.Draw(img)
-    _clutter(rng, draw, width, height, glyph, set(codes))
+    _clutter(rng, draw, width, height, glyph, {c for c in codes if c})
     texts: list[tuple[str, tuple[int, int, int, int]]] = []
     objects = []
     for (cx, cy), shape, colour, code in zip(centres, shapes, colours, codes, strict=True):
         rgb = COLOURS[colour]
         pts = shape_outline(shape, cx, cy, r)
         draw.polygon(pts, fill=rgb, outline=tuple(int(c * 0.6) for c in rgb), width=max(2, glyph // 6))
-        tag = (int(cx - tag_w / 2), int(cy - tag_h / 2), int(cx + tag_w / 2), int(cy + tag_h / 2))
-        draw.rectangle(tag, fill=(255, 255, 255), outline=(0, 0, 0), width=max(1, glyph // 10))
-        code_box = draw_text(draw, (cx, cy), code, font, (0, 0, 0), texts, anchor="mm")
+        tag = code_box = None
+        if code is not None:
+            tag = (int(cx - tag_w / 2), int(cy - tag_h / 2), int(cx + tag_w / 2), int(cy + tag_h / 2))
+            draw.rectangle(tag, fill=(255, 255, 255), outline=(0, 0, 0), width=max(1, glyph // 10))
+            code_box = draw_text(draw, (cx, cy), code, font, (0, 0, 0), texts, anchor="mm")
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         box = (int(min(xs)), int(min(ys)), int(math.ceil(max(xs))), int(math.ceil(max(ys))))
         objects.append({"kind": shape, "colour": colour, "code": code, "box": box, "tag_box": tag,
@@ -129,6 +132,7 @@ def render_scene(rng: np.random.Generator, split: str, width: int, height: int, 
         else:
             template = "scene_colour"  # nothing clearly on one side: ask another coarse question
     if template == "scene_code":
+        pick = objects[tagged]
         q = TEMPLATES[template].format(colour=pick["colour"], shape=pick["kind"])
         evidence = pad_box(pick["tag_box"], 0.3 * glyph, width, height)
         return SynthRecord(img, q, pick["code"], [pick["code"]], "fine", template=template, evidence_box=evidence,

@@ -62,7 +62,7 @@ def test_fine_answer_is_rendered_inside_the_evidence_box(seed, template):
         labels = [box for text, box in rec.texts if text == label]
         assert len(labels) == 1 and _inside(labels[0], rec.evidence_box)  # the field appears once
     else:
-        assert sum(o["code"] == rec.answer for o in rec.objects) == 1  # codes are unique per scene
+        assert [o["code"] for o in rec.objects if o["code"]] == [rec.answer]  # one tagged shape per scene
         target = next(o for o in rec.objects if o["code"] == rec.answer)
         assert f"{target['colour']} {target['kind']}" in rec.question
         assert _inside(target["tag_box"], target["box"])  # the tag sits on the shape
@@ -71,7 +71,7 @@ def test_fine_answer_is_rendered_inside_the_evidence_box(seed, template):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_scene_coarse_answers_match_the_drawing(seed):
     count = render_record(seed, template="scene_count")
-    assert count.answer == str(len(count.objects)) and 2 <= len(count.objects) <= 6
+    assert count.answer == str(len(count.objects)) and 2 <= len(count.objects) <= 5
     for colour in COLOURS:  # the clutter never uses palette colours; every shape shows its own
         share = _colour_share(count, (0, 0, count.width, count.height), colour)
         assert (share > 0.002) == any(o["colour"] == colour for o in count.objects), colour
