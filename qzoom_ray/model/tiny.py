@@ -92,8 +92,14 @@ def build_tiny_config(
     num_kv_heads: int = 2,
     vision_depth: int = 2,
     vision_hidden: int = 64,
+    rope_theta: float = 1e6,
 ) -> Qwen2_5_VLConfig:
-    """A small Qwen2.5-VL config; M-RoPE sections scale with head_dim as in the real models (1:1.5:1.5)."""
+    """A small Qwen2.5-VL config; M-RoPE sections scale with head_dim as in the real models (1:1.5:1.5).
+
+    ``rope_theta``: M-RoPE gives the width axis the *lowest* frequencies; with a small head_dim and
+    the released 1e6, positions 0..40 along the width turn the phase by well under a radian, so a
+    model trained from scratch cannot tell left from right. Models trained here use ~100.
+    """
     head_dim = hidden_size // num_heads
     t_sec = head_dim // 8
     hw_sec = (head_dim // 2 - t_sec) // 2
@@ -109,7 +115,7 @@ def build_tiny_config(
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
             max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],

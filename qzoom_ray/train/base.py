@@ -30,6 +30,9 @@ class TinyArch(StrictModel):
     num_kv_heads: int = Field(2, description="LLM key/value heads.")
     vision_depth: int = Field(2, description="ViT blocks (the last one uses full attention).")
     vision_hidden: int = Field(64, description="ViT width.")
+    rope_theta: float = Field(
+        100.0, gt=0, description="LLM M-RoPE base; small, so the few width frequencies of a tiny head still resolve positions."
+    )
 
 
 class TrainBaseConfig(StrictModel):
@@ -47,14 +50,23 @@ class TrainBaseConfig(StrictModel):
     arch: TinyArch = Field(default_factory=TinyArch)
     seed: int = Field(0, description="Seeds the init and every worker's data stream.")
     steps: int = Field(2000, ge=1, description="Optimiser steps.")
-    batch_size: int = Field(16, ge=1, description="Samples per step per worker.")
+    batch_size: int = Field(16, ge=1, description="Samples per step per worker (the most, with max_tokens_per_batch).")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Pack samples by length so a batch's padded tokens stay under this (None: fixed batches)."
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, warm-up + cosine).")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of the schedule spent warming up.")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (0.95 learns markedly faster from scratch here).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs reserved per worker.")
     torch_threads: int = Field(2, ge=1, description="torch threads per CPU worker.")
     log_every: int = Field(20, ge=1, description="Log the mean loss every this many steps.")
+    heldout_source: str | None = Field(
+        None, description="'module:function' returning [(group, TrainSample)] held-out views, or None."
+    )
+    heldout_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword args for heldout_source.")
+    heldout_every: int = Field(250, ge=1, description="Log teacher-forced held-out accuracy every this many steps.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (with a fully decayed schedule) after this long.")
 
 
@@ -83,6 +95,7 @@ def build_untrained(cfg: TrainBaseConfig):
         num_kv_heads=a.num_kv_heads,
         vision_depth=a.vision_depth,
         vision_hidden=a.vision_hidden,
+        rope_theta=a.rope_theta,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(cfg.seed)
@@ -114,21 +127,36 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     stream = (
         {k: v.to(device) for k, v in b.items()}
-        for b in batch_stream(sample_fn, processor, cfg.batch_size, cfg.seed, rank)
+        for b in batch_stream(sample_fn, processor, cfg.batch_size, cfg.seed, rank, max_tokens=cfg.max_tokens_per_batch)
     )
+
+    heldout = _resolve(cfg.heldout_source)(**cfg.heldout_kwargs) if cfg.heldout_source and rank == 0 else None
+    heldout_log: list[dict[str, Any]] = []
+
+    def check_heldout(step: int) -> None:
+        from qzoom_ray.train.heldout import teacher_forced_accuracy
+
+        acc = teacher_forced_accuracy(model.module if hasattr(model, "module") else model, processor, heldout)
+        heldout_log.append({"step": step, **acc})
+        logger.warning("step %d held-out accuracy %s", step, " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
 
     def log(step: int, loss: float, lr: float) -> None:
         if rank == 0:
             logger.warning("step %d/%d loss %.4f lr %.2e", step, cfg.steps, loss, lr)
+            if heldout and step % cfg.heldout_every < cfg.log_every:
+                check_heldout(step)
 
     loop = LoopConfig(
         steps=cfg.steps,
         lr=cfg.lr,
         warmup_ratio=cfg.warmup_ratio,
+        betas=(0.9, cfg.adam_beta2),
         log_every=cfg.log_every,
         max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
     )
     stats = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
+    if heldout:
+        check_heldout(len(stats.losses))
     metrics = {
         "steps": len(stats.losses),
         "final_loss": sum(stats.losses[-cfg.log_every :]) / min(len(stats.losses), cfg.log_every),
@@ -136,6 +164,7 @@ def train_worker(config: dict[str, Any]) -> None:
         "seconds": stats.seconds,
         "samples_per_worker": stats.samples,
         "losses": stats.losses,
+        "heldout": heldout_log,
     }
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +207,9 @@ def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[st
         "samples_seen": metrics.get("samples_per_worker", 0) * cfg.num_workers,
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("final_loss"),
+        "heldout_final": (metrics.get("heldout") or [None])[-1],
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     (out / "losses.json").write_text(json.dumps(metrics.get("losses", [])))
+    (out / "heldout.json").write_text(json.dumps(metrics.get("heldout", []), indent=1))
     return recipe

@@ -1,13 +1,16 @@
-"""Turning (image, question, answer) samples into supervised Qwen2.5-VL batches.
+"""Turning (image, questions, answers) samples into supervised Qwen2.5-VL batches.
 
-Only the answer tokens (and the closing ``<|im_end|>``) carry loss; the prompt, image and padding
-are masked with -100, as in the authors' ``preprocess_qwen_visual``.
+A sample is one image with one or more question/answer turns: the first user turn carries the
+image, later turns only text (an ordinary multi-turn chat). Every answer (and its closing
+``<|im_end|>``) carries loss; the prompt, image and padding are masked with -100, as in the
+authors' ``preprocess_qwen_visual``. Several questions per image multiply the supervision bought by
+one pass over the visual tokens, which dominate the cost of a step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,23 +28,29 @@ class TrainSample:
     question: str
     answer: str
     budget_tokens: int  # the view is processed with min = max = budget * 28**2 pixels
+    more_turns: list[tuple[str, str]] = field(default_factory=list)  # later (question, answer) turns
 
 
 SampleFn = Callable[[np.random.Generator], TrainSample]
+
+
+def _ids(tokenizer: Any, text: str) -> np.ndarray:
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
 def encode_sample(processor: Any, sample: TrainSample) -> dict[str, Any]:
     prompt = build_prompt(processor, sample.question)
     px = sample.budget_tokens * TOKEN_PX**2
     out = processor(text=[prompt], images=[sample.image], return_tensors="np", **image_size_kwargs(px, px))
-    prompt_ids = np.asarray(out["input_ids"][0], dtype=np.int64)
-    # The template ends the assistant turn with "<|im_end|>\n"; the "\n" is glue, not a target.
-    answer_ids = np.asarray(
-        processor.tokenizer(sample.answer + "<|im_end|>", add_special_tokens=False)["input_ids"], dtype=np.int64
-    )
-    ids = np.concatenate([prompt_ids, answer_ids])
-    labels = np.full_like(ids, IGNORE_INDEX)
-    labels[len(prompt_ids) :] = answer_ids
+    tok = processor.tokenizer
+    pieces = [(np.asarray(out["input_ids"][0], dtype=np.int64), False)]
+    # The template ends an assistant turn with "<|im_end|>\n"; the "\n" is glue, not a target.
+    pieces.append((_ids(tok, sample.answer + "<|im_end|>"), True))
+    for question, answer in sample.more_turns:
+        pieces.append((_ids(tok, f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), False))
+        pieces.append((_ids(tok, answer + "<|im_end|>"), True))
+    ids = np.concatenate([p for p, _ in pieces])
+    labels = np.concatenate([p if target else np.full_like(p, IGNORE_INDEX) for p, target in pieces])
     return {
         "input_ids": ids,
         "labels": labels,
@@ -71,13 +80,49 @@ def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> 
     }
 
 
+def pack_by_length(lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Group sample indices into batches of similar length whose padded size stays within ``max_tokens``.
+
+    Sorting by length before cutting keeps padding small; a sample longer than ``max_tokens`` still
+    gets a batch of its own, so nothing is dropped.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def batch_stream(
-    sample_fn: SampleFn, processor: Any, batch_size: int, seed: int, rank: int = 0
+    sample_fn: SampleFn,
+    processor: Any,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    max_tokens: int | None = None,
+    pool_batches: int = 8,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches; each worker rank draws from its own seeded stream (reproducible per seed)."""
+    """Endless batches; each worker rank draws from its own seeded stream (reproducible per seed).
+
+    With ``max_tokens`` the stream draws ``pool_batches * batch_size`` samples at a time and packs
+    them by length (at most ``batch_size`` per batch), so short and long views do not share padding.
+    """
     rng = np.random.default_rng([seed, rank])
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    pad_id = int(tok.pad_token_id)
     while True:
-        encoded = [encode_sample(processor, sample_fn(rng)) for _ in range(batch_size)]
-        yield collate(encoded, int(tok.pad_token_id), image_token_id)
+        if max_tokens is None:
+            yield collate([encode_sample(processor, sample_fn(rng)) for _ in range(batch_size)], pad_id, image_token_id)
+            continue
+        pool = [encode_sample(processor, sample_fn(rng)) for _ in range(pool_batches * batch_size)]
+        groups = pack_by_length([len(e["input_ids"]) for e in pool], max_tokens, batch_size)
+        for g in (groups[i] for i in rng.permutation(len(groups))):
+            yield collate([pool[i] for i in g], pad_id, image_token_id)

@@ -16,6 +16,7 @@ class LoopConfig:
     lr: float
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     log_every: int = 20
     #: Wall-clock budget: the schedule decays by whichever comes first, steps or time, so a job
@@ -31,11 +32,20 @@ class LoopStats:
 
 
 def cosine_lr(step: int, cfg: LoopConfig, time_progress: float = 0.0) -> float:
+    """Linear warm-up then cosine decay, over steps or wall-clock time, whichever runs out first.
+
+    Both phases advance with the larger of step progress and time progress, so a run whose
+    deadline ends it long before ``steps`` warms up smoothly over the first ``warmup_ratio`` of its
+    time instead of jumping to the peak.
+    """
     warmup = max(1, int(cfg.steps * cfg.warmup_ratio))
-    if step < warmup and time_progress < cfg.warmup_ratio:
-        return cfg.lr * (step + 1) / warmup
-    progress = max((step - warmup) / max(1, cfg.steps - warmup), time_progress)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    warm = max((step + 1) / warmup, time_progress / cfg.warmup_ratio if cfg.warmup_ratio > 0 else 1.0)
+    if warm < 1.0:
+        return cfg.lr * warm
+    step_progress = (step - warmup) / max(1, cfg.steps - warmup)
+    time_after = (time_progress - cfg.warmup_ratio) / (1.0 - cfg.warmup_ratio) if cfg.warmup_ratio < 1 else 1.0
+    progress = max(step_progress, time_after)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def train_loop(
@@ -47,7 +57,7 @@ def train_loop(
 ) -> LoopStats:
     """Run ``cfg.steps`` optimiser steps of ``loss_fn`` over ``batches``; only ``params`` are updated."""
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     stats = LoopStats()
     t0 = time.perf_counter()
     lr = cfg.lr

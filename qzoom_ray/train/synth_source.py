@@ -1,11 +1,14 @@
 """Training samples for the tiny base model, drawn on the fly from the synthetic benchmark.
 
 A real MLLM reads small text when the pixel budget makes it at least about one visual token tall,
-and guesses otherwise. To learn reading cheaply on CPU we mostly train on *views*: crops around
-the evidence, resized so the fine text lands at 1.0-1.6 tokens high at a small budget, which is
-exactly what a large image looks like to the model at a high budget. Coarse questions use the
-full image at low budgets, and a small share of fine questions use the full image at a larger
-budget so the model also learns to search a long sequence of visual tokens.
+and guesses otherwise. Each sample is a *view* of a freshly rendered page or scene with every
+question the view can answer (several chat turns on one image):
+
+* a crop around a piece of fine evidence, resized so the fine text lands at 1.0-1.6 tokens high
+  at a small budget: exactly what a large image looks like to the model at a high budget, for a
+  fraction of the tokens (this is where reading is learned);
+* the whole image at a budget of the evaluation ladder: coarse facts, and fine facts that are
+  legible only when the budget is high enough (the model learns to guess otherwise).
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ import math
 
 import numpy as np
 
+from qzoom_ray.synth.common import SynthRecord, format_options, multiple_choice
 from qzoom_ray.synth.generator import render_record
-from qzoom_ray.synth.vocab import TEMPLATES, vocabulary
+from qzoom_ray.synth.vocab import COLOURS, FIELDS, TEMPLATES, vocabulary
 from qzoom_ray.train.data import TrainSample
 
 TOKEN_PX = 28
+Box = tuple[int, int, int, int]
 
 
-def crop_around(box: tuple[int, int, int, int], image_wh: tuple[int, int], side_wh: tuple[float, float],
-                rng: np.random.Generator) -> tuple[int, int, int, int]:
+def crop_around(box: Box, image_wh: tuple[int, int], side_wh: tuple[float, float], rng: np.random.Generator) -> Box:
     """A window of about ``side_wh`` that contains ``box``, placed at a random offset, inside the image."""
     w, h = image_wh
     x0, y0, x1, y1 = box
@@ -35,28 +39,88 @@ def crop_around(box: tuple[int, int, int, int], image_wh: tuple[int, int], side_
     return cx, cy, cx + cw, cy + ch
 
 
+def _inside(box: Box, window: Box) -> bool:
+    return box[0] >= window[0] and box[1] >= window[1] and box[2] <= window[2] and box[3] <= window[3]
+
+
+def document_fields(rec: SynthRecord) -> list[tuple[str, str, Box]]:
+    """(field name, value, label+value box) of every field row drawn on a page (label, then value)."""
+    out = []
+    for (label, lbox), (value, vbox) in zip(rec.texts, rec.texts[1:], strict=False):
+        if label in FIELDS and value.isdigit():
+            out.append((label, value, (lbox[0], min(lbox[1], vbox[1]), vbox[2], max(lbox[3], vbox[3]))))
+    return out
+
+
+def view_questions(rec: SynthRecord, window: Box, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Every benchmark question answerable from the ``window`` of ``rec`` (whole image: all of them)."""
+    full = window == (0, 0, rec.width, rec.height)
+    qa: list[tuple[str, str]] = []
+    if rec.category == "scene":
+        shapes = rec.objects
+        # One question per shape: "Which code is on the red star?" next to "What colour is the
+        # star?" would let the second be answered from the text of the first.
+        for o in shapes:
+            options = []
+            if o["tag_box"] is not None and _inside(o["tag_box"], window):
+                options.append((TEMPLATES["scene_code"].format(colour=o["colour"], shape=o["kind"]), o["code"]))
+            if full or _inside(o["box"], window):
+                options.append((TEMPLATES["scene_colour"].format(shape=o["kind"]), o["colour"]))
+            if full and abs(o["centre"][0] - rec.width / 2) > 0.1 * rec.width:
+                side = "left" if o["centre"][0] < rec.width / 2 else "right"
+                options.append((TEMPLATES["scene_side"].format(colour=o["colour"], shape=o["kind"]), side))
+            if options:
+                qa.append(options[int(rng.integers(len(options)))] if not options[0][0].startswith("Which") else options[0])
+        if full:
+            qa.append((TEMPLATES["scene_count"], str(len(shapes))))
+    else:
+        for name, value, box in document_fields(rec):
+            if _inside(box, window):
+                qa.append((TEMPLATES["doc_value"].format(field=name), value))
+        header = next(o for o in rec.objects if o["kind"] == "header")
+        if full or _inside(header["box"], window):
+            options, letter = multiple_choice(rng, header["colour"], list(COLOURS))
+            qa.append((TEMPLATES["doc_header_colour"].format(options=format_options(options)), letter))
+        if full:
+            n = sum(1 for o in rec.objects if o["kind"] == "stamp")
+            qa.append((TEMPLATES["doc_stamp_count"], str(n)))
+    return qa
+
+
 def make_sample_fn(
-    budgets: tuple[int, ...] = (64, 128, 256),
-    crop_prob: float = 0.75,
-    full_fine_budget: int = 576,
+    crop_budgets: tuple[int, ...] = (64, 128, 256),
+    full_budgets: tuple[int, ...] = (64, 128, 256, 576, 1024),
+    full_weights: tuple[float, ...] | None = None,
+    crop_prob: float = 0.5,
     glyph_tokens: tuple[float, float] = (1.0, 1.6),
+    max_turns: int = 6,
 ):
+    """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get."""
+    weights = np.asarray(full_weights or [1.0] * len(full_budgets), dtype=float)
+    weights = weights / weights.sum()
+
     def sample(rng: np.random.Generator) -> TrainSample:
         rec = render_record(int(rng.integers(2**31)), split="ordinary")
-        budget = int(budgets[int(rng.integers(len(budgets)))])
-        image = rec.image
-        if rec.question_type == "fine":
-            if rng.random() < crop_prob:
-                # Scale s so that the glyph is `target` px tall after the resize to `budget` tokens.
-                target = float(rng.uniform(*glyph_tokens)) * TOKEN_PX
-                scale = min(1.0, target / max(rec.glyph_px, 1))
-                area = budget * TOKEN_PX**2 / (scale * scale)
-                aspect = float(np.exp(rng.uniform(math.log(0.6), math.log(1.7))))
-                side = (math.sqrt(area * aspect), math.sqrt(area / aspect))
-                image = image.crop(crop_around(rec.evidence_box, (image.width, image.height), side, rng))
-            else:
-                budget = full_fine_budget
-        return TrainSample(image=image, question=rec.question, answer=rec.answer, budget_tokens=budget)
+        full = (0, 0, rec.width, rec.height)
+        if rec.question_type == "fine" and rng.random() < crop_prob:
+            budget = int(crop_budgets[int(rng.integers(len(crop_budgets)))])
+            # Scale s so that the glyph is `target` px tall after the resize to `budget` tokens.
+            target = float(rng.uniform(*glyph_tokens)) * TOKEN_PX
+            scale = min(1.0, target / max(rec.glyph_px, 1))
+            area = budget * TOKEN_PX**2 / (scale * scale)
+            aspect = float(np.exp(rng.uniform(math.log(0.6), math.log(1.7))))
+            side = (math.sqrt(area * aspect), math.sqrt(area / aspect))
+            window = crop_around(rec.evidence_box, (rec.width, rec.height), side, rng)
+        else:
+            budget = int(rng.choice(full_budgets, p=weights))
+            window = full
+        qa = view_questions(rec, window, rng)
+        if rec.question_type == "fine" and (rec.question, rec.answer) not in qa:
+            qa.append((rec.question, rec.answer))  # the fine evidence is always asked about
+        picked = [qa[i] for i in rng.permutation(len(qa))[:max_turns]]
+        image = rec.image if window == full else rec.image.crop(window)
+        (q0, a0), rest = picked[0], picked[1:]
+        return TrainSample(image=image, question=q0, answer=a0, budget_tokens=budget, more_turns=rest)
 
     return sample
 
