@@ -11,34 +11,6 @@ consistency filter and the seeded 1:1 hard/easy mix.
 import argparse
 import json
 
-from pydantic import Field
-
-from qzoom_ray.config import StrictModel
-from qzoom_ray.train.gate import LadderConfig
-
-
-class LadderJob(StrictModel):
-    input: str = Field(..., description="Parquet file/folder of questions with ground truth.")
-    output: str = Field(..., description="Output folder (Parquet files).")
-    concurrency: int = Field(1, ge=1)
-    rows_per_batch: int = Field(16, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    limit: int | None = None
-    ladder: LadderConfig = Field(default_factory=LadderConfig)
-
-
-def run(job: LadderJob) -> dict:
-    import pyarrow.parquet as pq
-
-    from qzoom_ray.train.rayio import map_parquet
-
-    n = map_parquet(job.input, job.output, "qzoom_ray.train.gate:ladder_factory", job.ladder.model_dump(mode="json"),
-                    concurrency=job.concurrency, batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor,
-                    num_cpus=job.cpus_per_actor, limit=job.limit)
-    kinds = pq.read_table(job.output, columns=["kind"]).column("kind").to_pylist()
-    return {"rows": n, "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}}
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,11 +21,12 @@ def main() -> None:
     p.add_argument("--limit", type=int)
     args = p.parse_args()
     from qzoom_ray.train.cli import apply_overrides, init_ray
+    from qzoom_ray.train.datajobs import LadderJob, run_ladder
 
     job = LadderJob.from_yaml(args.config)
     apply_overrides(job, args, ("input", "output", "concurrency", "limit"))
     init_ray()
-    print(json.dumps(run(job), indent=2))
+    print(json.dumps(run_ladder(job), indent=2))
 
 
 if __name__ == "__main__":

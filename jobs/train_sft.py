@@ -12,54 +12,6 @@ rows = regressions (+ improvements at `mixing_ratio`).
 import argparse
 import json
 import logging
-import os
-from pathlib import Path
-
-from pydantic import Field
-
-from qzoom_ray.config import StrictModel
-from qzoom_ray.train.sft import MineConfig, SftConfig
-
-
-class SftJob(StrictModel):
-    questions: str = Field(..., description="Parquet of questions with ground truth (mining input).")
-    mined: str = Field(..., description="Folder for the mined rows (every question, with verdicts).")
-    mixing_ratio: float = Field(0.0, ge=0, description="Improvements per regression added to training (authors: 0).")
-    concurrency: int = Field(1, ge=1)
-    rows_per_batch: int = Field(16, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    limit: int | None = None
-    mine: MineConfig
-    train: SftConfig
-
-
-def mine(job: SftJob) -> dict:
-    from qzoom_ray.train.rayio import map_parquet
-
-    n = map_parquet(job.questions, job.mined, "qzoom_ray.train.sft:miner_factory", job.mine.model_dump(mode="json"),
-                    concurrency=job.concurrency, batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor,
-                    limit=job.limit)
-    return {"mined_rows": n}
-
-
-def train(job: SftJob) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from qzoom_ray.train.sft import select_training_rows, train_sft
-
-    rows = pq.read_table(job.mined).to_pylist()
-    picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
-    kinds = [r["kind"] for r in rows]
-    summary = {"mined": len(rows), "regressions": kinds.count("regression"),
-               "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
-    if not picked:
-        raise ValueError(f"no training rows were mined: {summary}")
-    path = Path(job.mined) / "training" / "sft-train.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(picked), path)
-    # `mined` holds Ray Data's part files; the training file lives in a sub-folder read on its own.
-    return train_sft(job.train.model_copy(update={"data_path": str(path)}), summary)
 
 
 def main() -> None:
@@ -71,7 +23,8 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    import ray
+    from qzoom_ray.train.cli import init_ray
+    from qzoom_ray.train.datajobs import SftJob, mine_regressions, train_on_mined
 
     job = SftJob.from_yaml(args.config)
     if args.steps:
@@ -80,10 +33,10 @@ def main() -> None:
         job.train.num_workers = args.workers
     if args.gpu:
         job.train.use_gpu = True
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    init_ray()
     if not args.skip_mining:
-        print(json.dumps(mine(job)))
-    entry = train(job)
+        print(json.dumps(mine_regressions(job)))
+    entry = train_on_mined(job)
     print(json.dumps({k: v for k, v in entry.items() if k != "config"}, indent=2))
 
 

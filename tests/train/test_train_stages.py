@@ -13,11 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import load_job
 from PIL import Image
 
 from qzoom_ray.config import ModelConfig
 from qzoom_ray.model.loader import load_model
+from qzoom_ray.train.datajobs import (
+    LadderJob,
+    PseudoLabelJob,
+    SftJob,
+    run_ladder,
+    run_pseudo_labels,
+    train_on_mined,
+)
 
 TRAIN = {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 1, "log_every": 3, "warmup_ratio": 0.0}
 
@@ -65,8 +72,7 @@ def test_stage1_pseudo_labels_job_and_rpn(ray_local, stage_dirs, tiny_base_dir):
     rows = [{"id": f"q{i}", "image": _png(i), "question": "What is the code?", "answer": "ab12",
              "evidence_box": [0, 0, 56, 56]} for i in range(3)]
     pq.write_table(pa.Table.from_pylist(rows), root / "questions.parquet")
-    job = load_job("make_pseudo_labels")
-    summary = job.run(job.PseudoLabelJob.model_validate({
+    summary = run_pseudo_labels(PseudoLabelJob.model_validate({
         "input": str(root / "questions.parquet"), "output": str(root / "labels"), "rows_per_batch": 2,
         "labels": {"model": {"path": tiny_base_dir, "require_heads": False}, "budget_tokens": 16,
                    "grounding_heads": {4: [0, 1]}, "answer_source": "ground_truth", "max_area_ratio": 1.1,
@@ -120,14 +126,13 @@ def test_stage2_mine_and_sft(ray_local, stage_dirs):
     assert all(r["kind"] == "regression" for r in mined), [r["roi_route"] for r in mined]
     (root / "mined").mkdir()
     pq.write_table(pa.Table.from_pylist(mined), root / "mined" / "part-0.parquet")
-    job = load_job("train_sft")
-    sj = job.SftJob.model_validate({
+    sj = SftJob.model_validate({
         "questions": "unused", "mined": str(root / "mined"), "mine": mcfg.model_dump(mode="json"),
         "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2"), "steps": 8,
                   "batch_size": 2, "lr": 2e-3, "budget_tokens": 16, "roi_thresh": 0.05,
                   "storage_path": str(root / "ray"), **TRAIN},
     })
-    entry = job.train(sj)
+    entry = train_on_mined(sj)
     assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
     changed = _changed(_state(s1), _state(str(root / "s2")))
     assert changed and all(k.startswith(("model.model.language_model.layers.", "model.lm_head.")) for k in changed)
@@ -143,10 +148,9 @@ def test_stage3_gate_labels_and_gate(ray_local, stage_dirs):
     start = str(root / "s2") if (root / "s2").exists() else str(root / "s1")
     if not os.path.exists(start):
         pytest.skip("stage 1 did not run")
-    job = load_job("make_gate_labels")
     pq.write_table(pa.Table.from_pylist([{"id": "g0", "image": _png(30), "question": "Code?", "answer": "ab"}]),
                    root / "gate-questions.parquet")
-    summary = job.run(job.LadderJob.model_validate({
+    summary = run_ladder(LadderJob.model_validate({
         "input": str(root / "gate-questions.parquet"), "output": str(root / "ladder"),
         "ladder": {"model": {"path": start}, "budgets": [4, 9], "max_new_tokens": 2, "torch_threads": 1},
     }))

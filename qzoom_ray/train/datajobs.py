@@ -1,0 +1,106 @@
+"""The Ray Data halves of the training stages, as configs and functions the job scripts call.
+
+Stage 1 labels (questions -> pseudo-RoI maps), stage 2 mining (+ the SFT run on what was mined)
+and stage 3 ladders (answers at a ladder of budgets) each map a Parquet dataset through one model
+per actor with :func:`qzoom_ray.train.rayio.map_parquet`. Keeping them here, not in ``jobs/``,
+lets tests and notebooks run a stage without going through a command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from qzoom_ray.config import StrictModel
+from qzoom_ray.train.gate import LadderConfig
+from qzoom_ray.train.pseudo import PseudoLabelConfig
+from qzoom_ray.train.sft import MineConfig, SftConfig
+
+
+class MapJob(StrictModel):
+    """How a labelling dataset is read, spread over actors and written."""
+
+    input: str = Field(..., description="Parquet file/folder of questions with ground truth.")
+    output: str = Field(..., description="Output folder (Parquet files).")
+    concurrency: int = Field(1, ge=1, description="Actors (one model each).")
+    rows_per_batch: int = Field(16, ge=1, description="Rows handed to an actor at a time.")
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    limit: int | None = Field(None, description="First N input rows only.")
+
+
+def _map(job: MapJob, factory: str, actor_cfg: dict[str, Any]) -> int:
+    from qzoom_ray.train.rayio import map_parquet
+
+    return map_parquet(job.input, job.output, factory, actor_cfg, concurrency=job.concurrency,
+                       batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor, num_cpus=job.cpus_per_actor,
+                       limit=job.limit)
+
+
+class PseudoLabelJob(MapJob):
+    labels: PseudoLabelConfig
+
+
+def run_pseudo_labels(job: PseudoLabelJob) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    n = _map(job, "qzoom_ray.train.pseudo:labeler_factory", job.labels.model_dump(mode="json"))
+    t = pq.read_table(job.output, columns=["valid", "reason"])
+    reasons = t.column("reason").to_pylist()
+    return {"rows": n, "valid": int(sum(t.column("valid").to_pylist())),
+            "reasons": {r: reasons.count(r) for r in sorted(set(reasons))}}
+
+
+class LadderJob(MapJob):
+    ladder: LadderConfig = Field(default_factory=LadderConfig)
+
+
+def run_ladder(job: LadderJob) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    n = _map(job, "qzoom_ray.train.gate:ladder_factory", job.ladder.model_dump(mode="json"))
+    kinds = pq.read_table(job.output, columns=["kind"]).column("kind").to_pylist()
+    return {"rows": n, "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}}
+
+
+class SftJob(StrictModel):
+    questions: str = Field(..., description="Parquet of questions with ground truth (mining input).")
+    mined: str = Field(..., description="Folder for the mined rows (every question, with verdicts).")
+    mixing_ratio: float = Field(0.0, ge=0, description="Improvements per regression added to training (authors: 0).")
+    concurrency: int = Field(1, ge=1)
+    rows_per_batch: int = Field(16, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    limit: int | None = None
+    mine: MineConfig
+    train: SftConfig
+
+
+def mine_regressions(job: SftJob) -> dict[str, Any]:
+    from qzoom_ray.train.rayio import map_parquet
+
+    n = map_parquet(job.questions, job.mined, "qzoom_ray.train.sft:miner_factory", job.mine.model_dump(mode="json"),
+                    concurrency=job.concurrency, batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor,
+                    limit=job.limit)
+    return {"mined_rows": n}
+
+
+def train_on_mined(job: SftJob) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qzoom_ray.train.sft import select_training_rows, train_sft
+
+    rows = pq.read_table(job.mined).to_pylist()
+    picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
+    kinds = [r["kind"] for r in rows]
+    summary = {"mined": len(rows), "regressions": kinds.count("regression"),
+               "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
+    if not picked:
+        raise ValueError(f"no training rows were mined: {summary}")
+    path = Path(job.mined) / "training" / "sft-train.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(picked), path)
+    # `mined` holds Ray Data's part files; the training file lives in a sub-folder read on its own.
+    return train_sft(job.train.model_copy(update={"data_path": str(path)}), summary)
