@@ -30,6 +30,8 @@ def model_for(path: Path) -> tuple[type[StrictModel] | None, dict]:
         return None, data
     if path.name.startswith("train-base"):
         return models["train-base"], data
+    if path.name.startswith("eval-"):
+        return models["engine"], data
     if path.name.startswith("train-"):
         return None, data  # head-training configs are checked by their own tests
     return models["batch"], data

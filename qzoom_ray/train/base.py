@@ -48,6 +48,9 @@ class TrainBaseConfig(StrictModel):
     )
     vocab_size: int = Field(512, description="BPE vocabulary size (special tokens included).")
     arch: TinyArch = Field(default_factory=TinyArch)
+    init_from: str | None = Field(
+        None, description="Continue from this checkpoint folder (model, tokenizer, processor) instead of a random init."
+    )
     seed: int = Field(0, description="Seeds the init and every worker's data stream.")
     steps: int = Field(2000, ge=1, description="Optimiser steps.")
     batch_size: int = Field(16, ge=1, description="Samples per step per worker (the most, with max_tokens_per_batch).")
@@ -106,6 +109,17 @@ def build_untrained(cfg: TrainBaseConfig):
     return tokenizer, processor, model
 
 
+def build_from_checkpoint(path: str):
+    """Tokenizer, processor and model of an earlier run, to continue training it (sdpa, fp32)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qzoom_ray.model.processor import load_processor
+
+    processor = load_processor(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa", dtype="float32")
+    return processor.tokenizer, processor, model
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop."""
     import ray.train
@@ -120,7 +134,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.torch_threads)
-    _, processor, model = build_untrained(cfg)
+    _, processor, model = build_from_checkpoint(cfg.init_from) if cfg.init_from else build_untrained(cfg)
     model.train()
     model = ray.train.torch.prepare_model(model)
     sample_fn = _resolve(cfg.sample_source)(**cfg.source_kwargs)
