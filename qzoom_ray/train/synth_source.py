@@ -61,16 +61,18 @@ def view_questions(rec: SynthRecord, window: Box, rng: np.random.Generator) -> l
         # One question per shape: "Which code is on the red star?" next to "What colour is the
         # star?" would let the second be answered from the text of the first.
         for o in shapes:
-            options = []
             if o["tag_box"] is not None and _inside(o["tag_box"], window):
-                options.append((TEMPLATES["scene_code"].format(colour=o["colour"], shape=o["kind"]), o["code"]))
+                # The tagged shape is always asked for its code (the fine question) and nothing else.
+                qa.append((TEMPLATES["scene_code"].format(colour=o["colour"], shape=o["kind"]), o["code"]))
+                continue
+            options = []
             if full or _inside(o["box"], window):
                 options.append((TEMPLATES["scene_colour"].format(shape=o["kind"]), o["colour"]))
             if full and abs(o["centre"][0] - rec.width / 2) > 0.1 * rec.width:
                 side = "left" if o["centre"][0] < rec.width / 2 else "right"
                 options.append((TEMPLATES["scene_side"].format(colour=o["colour"], shape=o["kind"]), side))
             if options:
-                qa.append(options[int(rng.integers(len(options)))] if not options[0][0].startswith("Which") else options[0])
+                qa.append(options[int(rng.integers(len(options)))])
         if full:
             qa.append((TEMPLATES["scene_count"], str(len(shapes))))
     else:
