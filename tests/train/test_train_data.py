@@ -64,3 +64,13 @@ def test_sampler_is_deterministic_and_views_are_consistent():
     b = fn(np.random.default_rng(7))
     assert (a.question, a.answer, a.more_turns, a.budget_tokens) == (b.question, b.answer, b.more_turns, b.budget_tokens)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_no_turn_names_what_another_turn_asks_for():
+    # "Which code is on the red star?" next to "What colour is the star?" would give the colour away.
+    for seed in range(6):
+        rec = render_record(seed, kind="scene")
+        qa = view_questions(rec, (0, 0, rec.width, rec.height), np.random.default_rng(seed))
+        for o in rec.objects:
+            about = [q for q, _ in qa if o["kind"] in q]
+            assert len(about) <= 1, about
