@@ -90,8 +90,8 @@ def pack_by_length(lengths: list[int], max_tokens: int, max_batch: int) -> list[
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        width = max([lengths[j] for j in current] + [lengths[i]])
-        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_batch):
+        # Ascending order: the sample being added is the batch's longest, so it sets the padded width.
+        if current and (lengths[i] * (len(current) + 1) > max_tokens or len(current) >= max_batch):
             batches.append(current)
             current = []
         current.append(i)
