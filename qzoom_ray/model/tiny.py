@@ -93,12 +93,19 @@ def build_tiny_config(
     vision_depth: int = 2,
     vision_hidden: int = 64,
     rope_theta: float = 1e6,
+    text_init_std: float = 0.02,
+    vision_init_std: float = 0.02,
 ) -> Qwen2_5_VLConfig:
     """A small Qwen2.5-VL config; M-RoPE sections scale with head_dim as in the real models (1:1.5:1.5).
 
     ``rope_theta``: M-RoPE gives the width axis the *lowest* frequencies; with a small head_dim and
     the released 1e6, positions 0..40 along the width turn the phase by well under a radian, so a
     model trained from scratch cannot tell left from right. Models trained here use ~100.
+
+    ``text_init_std`` / ``vision_init_std``: the released 0.02 suits widths in the thousands; at a
+    width of 100-200 it leaves the image features so faint that a model trained from scratch does not
+    start to read glyphs for hundreds of steps (measured: docs/benchmark.md). Models trained here use
+    about 1.4/sqrt(width).
     """
     head_dim = hidden_size // num_heads
     t_sec = head_dim // 8
@@ -119,6 +126,7 @@ def build_tiny_config(
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
+            initializer_range=text_init_std,
         ),
         vision_config=dict(
             depth=vision_depth,
@@ -131,12 +139,14 @@ def build_tiny_config(
             spatial_merge_size=2,
             window_size=112,
             fullatt_block_indexes=[vision_depth - 1],
+            initializer_range=vision_init_std,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
+        initializer_range=text_init_std,
     )
 
 

@@ -15,8 +15,6 @@ from PIL import Image, ImageDraw
 from qzoom_ray.synth.common import (
     SynthRecord,
     draw_text,
-    format_options,
-    multiple_choice,
     pad_box,
     random_code,
     union_box,
@@ -128,11 +126,11 @@ def render_document(
             evidence_box=evidence, metric="anls", answer_box=f["value_box"], texts=texts, objects=objects, **common,
         )
     if template == "doc_header_colour":
-        options, letter = multiple_choice(rng, header_colour, list(COLOURS))
-        question = TEMPLATES[template].format(options=format_options(options))
+        # A direct answer, not multiple choice: binding a colour to an option letter is a second skill
+        # that a tiny model trained from scratch picks up far later than the colour itself.
         return SynthRecord(
-            img, question, letter, [letter, header_colour], "coarse", evidence_box=header_box,
-            metric="mc", choices=options, texts=texts, objects=objects, **common,
+            img, TEMPLATES[template], header_colour, [header_colour], "coarse", evidence_box=header_box,
+            metric="exact_match", texts=texts, objects=objects, **common,
         )
     if template == "doc_stamp_count":
         evidence = union_box(*(s["box"] for s in stamps))

@@ -36,7 +36,7 @@ CHOICE_LETTERS = "ABCD"
 # Question templates, keyed by a short template id (stored in the `template` column).
 TEMPLATES: dict[str, str] = {
     "doc_value": "What is the value of '{field}'?",
-    "doc_header_colour": "What colour is the header bar?\n{options}\nAnswer with the letter.",
+    "doc_header_colour": "What colour is the header bar?",
     "doc_stamp_count": "How many stamps are on the page?",
     "scene_code": "Which code is on the {colour} {shape}?",
     "scene_count": "How many shapes are there?",

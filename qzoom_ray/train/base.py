@@ -33,6 +33,20 @@ class TinyArch(StrictModel):
     rope_theta: float = Field(
         100.0, gt=0, description="LLM M-RoPE base; small, so the few width frequencies of a tiny head still resolve positions."
     )
+    text_init_std: float = Field(
+        0.1, gt=0, description="LLM init std (the released 0.02 is for widths in the thousands; see build_tiny_config)."
+    )
+    vision_init_std: float = Field(0.15, gt=0, description="ViT and merger init std.")
+
+
+class TrainPhase(StrictModel):
+    """One stage of a curriculum: its own data (source kwargs merged over the job's), clock and learning rate."""
+
+    name: str = Field(..., description="Shown in logs and held-out records.")
+    minutes: float = Field(..., gt=0, description="Wall-clock length of the phase.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default: the job's lr).")
+    decay: bool = Field(True, description="Cosine-decay to zero by the end of the phase (else constant after warm-up).")
+    source_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of the job's source_kwargs.")
 
 
 class TrainBaseConfig(StrictModel):
@@ -71,6 +85,11 @@ class TrainBaseConfig(StrictModel):
     heldout_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword args for heldout_source.")
     heldout_every: int = Field(250, ge=1, description="Log teacher-forced held-out accuracy every this many steps.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (with a fully decayed schedule) after this long.")
+    phases: list[TrainPhase] = Field(
+        default_factory=list,
+        description="A curriculum: run these phases in order (each with its own data and clock) instead of one "
+        "schedule; max_minutes and steps then cap the whole run.",
+    )
 
 
 def _resolve(spec: str):
@@ -99,6 +118,8 @@ def build_untrained(cfg: TrainBaseConfig):
         vision_depth=a.vision_depth,
         vision_hidden=a.vision_hidden,
         rope_theta=a.rope_theta,
+        text_init_std=a.text_init_std,
+        vision_init_std=a.vision_init_std,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(cfg.seed)
@@ -127,7 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch
 
     from qzoom_ray.train.data import batch_stream
-    from qzoom_ray.train.loop import LoopConfig, train_loop
+    from qzoom_ray.train.loop import LoopConfig, LoopStats, train_loop
 
     cfg = TrainBaseConfig.model_validate(config)
     ctx = ray.train.get_context()
@@ -137,39 +158,66 @@ def train_worker(config: dict[str, Any]) -> None:
     _, processor, model = build_from_checkpoint(cfg.init_from) if cfg.init_from else build_untrained(cfg)
     model.train()
     model = ray.train.torch.prepare_model(model)
-    sample_fn = _resolve(cfg.sample_source)(**cfg.source_kwargs)
     device = ray.train.torch.get_device()
-    stream = (
-        {k: v.to(device) for k, v in b.items()}
-        for b in batch_stream(sample_fn, processor, cfg.batch_size, cfg.seed, rank, max_tokens=cfg.max_tokens_per_batch)
-    )
+
+    def stream_for(source_kwargs: dict[str, Any], seed: int):
+        sample_fn = _resolve(cfg.sample_source)(**source_kwargs)
+        return (
+            {k: v.to(device) for k, v in b.items()}
+            for b in batch_stream(sample_fn, processor, cfg.batch_size, seed, rank, max_tokens=cfg.max_tokens_per_batch)
+        )
 
     heldout = _resolve(cfg.heldout_source)(**cfg.heldout_kwargs) if cfg.heldout_source and rank == 0 else None
     heldout_log: list[dict[str, Any]] = []
+    done = {"steps": 0, "phase": "main"}
 
     def check_heldout(step: int) -> None:
         from qzoom_ray.train.heldout import teacher_forced_accuracy
 
         acc = teacher_forced_accuracy(model.module if hasattr(model, "module") else model, processor, heldout)
-        heldout_log.append({"step": step, **acc})
+        heldout_log.append({"step": step, "phase": done["phase"], **acc})
         logger.warning("step %d held-out accuracy %s", step, " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
 
     def log(step: int, loss: float, lr: float) -> None:
         if rank == 0:
-            logger.warning("step %d/%d loss %.4f lr %.2e", step, cfg.steps, loss, lr)
-            if heldout and step % cfg.heldout_every < cfg.log_every:
-                check_heldout(step)
+            total = done["steps"] + step
+            logger.warning("[%s] step %d (total %d) loss %.4f lr %.2e", done["phase"], step, total, loss, lr)
+            if heldout and total % cfg.heldout_every < cfg.log_every:
+                check_heldout(total)
 
-    loop = LoopConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_ratio=cfg.warmup_ratio,
-        betas=(0.9, cfg.adam_beta2),
-        log_every=cfg.log_every,
-        max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
-    )
-    stats = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
-    if heldout:
+    phases = cfg.phases or [
+        TrainPhase(name="main", minutes=cfg.max_minutes or 1e9, lr=cfg.lr, source_kwargs={})
+    ]
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    t_start = time.time()
+    stats = LoopStats()
+    for i, phase in enumerate(phases):
+        left_s = None if budget_s is None else budget_s - (time.time() - t_start)
+        if done["steps"] >= cfg.steps or (left_s is not None and left_s <= 0):
+            break
+        done["phase"] = phase.name
+        seconds = phase.minutes * 60 if cfg.phases else None
+        if left_s is not None:
+            seconds = min(seconds, left_s) if seconds else left_s
+        loop = LoopConfig(
+            steps=cfg.steps - done["steps"],
+            lr=phase.lr or cfg.lr,
+            warmup_ratio=cfg.warmup_ratio,
+            betas=(0.9, cfg.adam_beta2),
+            log_every=cfg.log_every,
+            max_seconds=seconds,
+            decay=phase.decay,
+        )
+        # Each phase draws its own seeded stream, so a run is reproducible phase by phase.
+        stream = stream_for({**cfg.source_kwargs, **phase.source_kwargs}, cfg.seed + 1000 * i)
+        part = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
+        stats.losses += part.losses
+        stats.samples += part.samples
+        stats.seconds += part.seconds
+        done["steps"] += len(part.losses)
+        if heldout and cfg.phases:
+            check_heldout(done["steps"])
+    if heldout and not cfg.phases:
         check_heldout(len(stats.losses))
     metrics = {
         "steps": len(stats.losses),

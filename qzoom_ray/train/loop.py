@@ -22,6 +22,8 @@ class LoopConfig:
     #: Wall-clock budget: the schedule decays by whichever comes first, steps or time, so a job
     #: with a deadline still ends on a fully decayed learning rate.
     max_seconds: float | None = None
+    #: False: hold the peak rate after warm-up (a curriculum phase that hands over to the next one).
+    decay: bool = True
 
 
 @dataclass
@@ -42,6 +44,8 @@ def cosine_lr(step: int, cfg: LoopConfig, time_progress: float = 0.0) -> float:
     warm = max((step + 1) / warmup, time_progress / cfg.warmup_ratio if cfg.warmup_ratio > 0 else 1.0)
     if warm < 1.0:
         return cfg.lr * warm
+    if not cfg.decay:
+        return cfg.lr
     step_progress = (step - warmup) / max(1, cfg.steps - warmup)
     time_after = (time_progress - cfg.warmup_ratio) / (1.0 - cfg.warmup_ratio) if cfg.warmup_ratio < 1 else 1.0
     progress = max(step_progress, time_after)

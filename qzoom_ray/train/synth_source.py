@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-from qzoom_ray.synth.common import SynthRecord, format_options, multiple_choice
+from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.generator import render_record
-from qzoom_ray.synth.vocab import COLOURS, FIELDS, TEMPLATES, vocabulary
+from qzoom_ray.synth.vocab import FIELDS, TEMPLATES, vocabulary
 from qzoom_ray.train.data import TrainSample
 
 TOKEN_PX = 28
@@ -52,41 +52,54 @@ def document_fields(rec: SynthRecord) -> list[tuple[str, str, Box]]:
     return out
 
 
-def view_questions(rec: SynthRecord, window: Box, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every benchmark question answerable from the ``window`` of ``rec`` (whole image: all of them)."""
+def view_questions(
+    rec: SynthRecord, window: Box, rng: np.random.Generator, templates: tuple[str, ...] | None = None
+) -> list[tuple[str, str]]:
+    """Every benchmark question answerable from the ``window`` of ``rec`` (whole image: all of them),
+    restricted to ``templates`` when given."""
     full = window == (0, 0, rec.width, rec.height)
     qa: list[tuple[str, str]] = []
+    keep = set(templates or TEMPLATES)
     if rec.category == "scene":
         shapes = rec.objects
         # One question per shape: "Which code is on the red star?" next to "What colour is the
         # star?" would let the second be answered from the text of the first.
         for o in shapes:
-            if o["tag_box"] is not None and _inside(o["tag_box"], window):
-                # The tagged shape is always asked for its code (the fine question) and nothing else.
-                qa.append((TEMPLATES["scene_code"].format(colour=o["colour"], shape=o["kind"]), o["code"]))
+            if o["tag_box"] is not None:
+                # The tagged shape is only ever asked for its code (the fine question).
+                if _inside(o["tag_box"], window) and "scene_code" in keep:
+                    qa.append((TEMPLATES["scene_code"].format(colour=o["colour"], shape=o["kind"]), o["code"]))
                 continue
             options = []
-            if full or _inside(o["box"], window):
+            if (full or _inside(o["box"], window)) and "scene_colour" in keep:
                 options.append((TEMPLATES["scene_colour"].format(shape=o["kind"]), o["colour"]))
-            if full and abs(o["centre"][0] - rec.width / 2) > 0.1 * rec.width:
+            if full and abs(o["centre"][0] - rec.width / 2) > 0.1 * rec.width and "scene_side" in keep:
                 side = "left" if o["centre"][0] < rec.width / 2 else "right"
                 options.append((TEMPLATES["scene_side"].format(colour=o["colour"], shape=o["kind"]), side))
             if options:
                 qa.append(options[int(rng.integers(len(options)))])
-        if full:
+        if full and "scene_count" in keep:
             qa.append((TEMPLATES["scene_count"], str(len(shapes))))
     else:
         for name, value, box in document_fields(rec):
-            if _inside(box, window):
+            if _inside(box, window) and "doc_value" in keep:
                 qa.append((TEMPLATES["doc_value"].format(field=name), value))
         header = next(o for o in rec.objects if o["kind"] == "header")
-        if full or _inside(header["box"], window):
-            options, letter = multiple_choice(rng, header["colour"], list(COLOURS))
-            qa.append((TEMPLATES["doc_header_colour"].format(options=format_options(options)), letter))
-        if full:
+        if (full or _inside(header["box"], window)) and "doc_header_colour" in keep:
+            qa.append((TEMPLATES["doc_header_colour"], header["colour"]))
+        if full and "doc_stamp_count" in keep:
             n = sum(1 for o in rec.objects if o["kind"] == "stamp")
             qa.append((TEMPLATES["doc_stamp_count"], str(n)))
     return qa
+
+
+def tight_window(rec: SynthRecord, scale: float, pad: tuple[float, float], rng: np.random.Generator) -> tuple[Box, int]:
+    """A window around the evidence, ``pad`` times its size per side, and the budget that shows it at ``scale``."""
+    x0, y0, x1, y1 = rec.evidence_box
+    side = ((x1 - x0) * float(rng.uniform(*pad)), (y1 - y0) * float(rng.uniform(*pad)))
+    window = crop_around(rec.evidence_box, (rec.width, rec.height), side, rng)
+    area = (window[2] - window[0]) * (window[3] - window[1]) * scale * scale
+    return window, max(4, math.ceil(area / TOKEN_PX**2))
 
 
 def make_sample_fn(
@@ -96,29 +109,47 @@ def make_sample_fn(
     crop_prob: float = 0.5,
     glyph_tokens: tuple[float, float] = (1.0, 1.6),
     max_turns: int = 6,
+    templates: tuple[str, ...] | None = None,
+    tight_prob: float = 0.0,
+    tight_pad: tuple[float, float] = (1.05, 1.8),
 ):
-    """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get."""
+    """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get.
+
+    ``templates`` restricts the records and questions to those templates (a curriculum phase).
+    ``tight_prob`` of the fine records are shown as a *tight* view: the evidence plus a margin at a
+    budget of a few dozen tokens, so a step sees many more glyphs per token (where reading is learned
+    fastest); the other fine records get a ``crop_budgets`` window with ``crop_prob``.
+    """
     weights = np.asarray(full_weights or [1.0] * len(full_budgets), dtype=float)
     weights = weights / weights.sum()
+    pool = tuple(templates) if templates else None
+    if pool and (unknown := set(pool) - set(TEMPLATES)):
+        raise ValueError(f"unknown templates {sorted(unknown)}; expected some of {sorted(TEMPLATES)}")
 
     def sample(rng: np.random.Generator) -> TrainSample:
-        rec = render_record(int(rng.integers(2**31)), split="ordinary")
-        full = (0, 0, rec.width, rec.height)
-        if rec.question_type == "fine" and rng.random() < crop_prob:
-            budget = int(crop_budgets[int(rng.integers(len(crop_budgets)))])
-            # Scale s so that the glyph is `target` px tall after the resize to `budget` tokens.
+        while True:
+            template = pool[int(rng.integers(len(pool)))] if pool else None
+            rec = render_record(int(rng.integers(2**31)), split="ordinary", template=template)
+            full = (0, 0, rec.width, rec.height)
+            # Scale s so that the glyph is `target` px tall after the resize.
             target = float(rng.uniform(*glyph_tokens)) * TOKEN_PX
             scale = min(1.0, target / max(rec.glyph_px, 1))
-            area = budget * TOKEN_PX**2 / (scale * scale)
-            aspect = float(np.exp(rng.uniform(math.log(0.6), math.log(1.7))))
-            side = (math.sqrt(area * aspect), math.sqrt(area / aspect))
-            window = crop_around(rec.evidence_box, (rec.width, rec.height), side, rng)
-        else:
-            budget = int(rng.choice(full_budgets, p=weights))
-            window = full
-        qa = view_questions(rec, window, rng)
-        if rec.question_type == "fine" and (rec.question, rec.answer) not in qa:
-            qa.append((rec.question, rec.answer))  # the fine evidence is always asked about
+            if rec.question_type == "fine" and rng.random() < tight_prob:
+                window, budget = tight_window(rec, scale, tight_pad, rng)
+            elif rec.question_type == "fine" and rng.random() < crop_prob:
+                budget = int(crop_budgets[int(rng.integers(len(crop_budgets)))])
+                area = budget * TOKEN_PX**2 / (scale * scale)
+                aspect = float(np.exp(rng.uniform(math.log(0.6), math.log(1.7))))
+                side = (math.sqrt(area * aspect), math.sqrt(area / aspect))
+                window = crop_around(rec.evidence_box, (rec.width, rec.height), side, rng)
+            else:
+                budget = int(rng.choice(full_budgets, p=weights))
+                window = full
+            qa = view_questions(rec, window, rng, pool)
+            if rec.question_type == "fine" and (rec.question, rec.answer) not in qa:
+                qa.append((rec.question, rec.answer))  # the fine evidence is always asked about
+            if qa:  # a whole scene restricted to templates it cannot answer: draw again
+                break
         picked = [qa[i] for i in rng.permutation(len(qa))[:max_turns]]
         image = rec.image if window == full else rec.image.crop(window)
         (q0, a0), rest = picked[0], picked[1:]

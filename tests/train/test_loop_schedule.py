@@ -23,3 +23,10 @@ def test_a_deadline_run_warms_up_smoothly_in_time_then_decays():
     assert np.max(np.abs(np.diff(lrs))) < 0.05 * cfg.lr
     assert np.isclose(lrs.max(), cfg.lr, rtol=0.02)
     assert lrs[-1] < 1e-8 and lrs[times.searchsorted(0.03)] > 0.9 * cfg.lr
+
+
+def test_a_phase_without_decay_holds_the_peak_after_warm_up():
+    cfg = LoopConfig(steps=1000, lr=2e-3, warmup_ratio=0.05, decay=False)
+    lrs = np.array([cosine_lr(s, cfg) for s in range(1000)])
+    assert np.all(np.diff(lrs[:49]) > 0)
+    assert np.allclose(lrs[50:], 2e-3)

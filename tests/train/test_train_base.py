@@ -9,7 +9,7 @@ import ray
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.model.engine import QZoomEngine
 from qzoom_ray.model.state import EngineRecord
-from qzoom_ray.train.base import TinyArch, TrainBaseConfig, train_base
+from qzoom_ray.train.base import TinyArch, TrainBaseConfig, TrainPhase, train_base
 from qzoom_ray.train.smoke_source import COLOURS
 
 
@@ -27,6 +27,9 @@ def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
         cpus_per_worker=1,
         torch_threads=1,
         log_every=10,
+        # Two curriculum phases: a short one on smaller images, then the rest of the steps.
+        phases=[TrainPhase(name="small", minutes=0.1, source_kwargs={"budget_tokens": 9}),
+                TrainPhase(name="main", minutes=10)],
     )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -36,6 +39,7 @@ def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
     assert recipe["final_loss"] < 0.5 * recipe["first_loss"], recipe
     saved = json.loads((tmp_path / "model" / "recipe.json").read_text())
     assert saved["config"]["seed"] == 0 and saved["samples_seen"] == 60 * 8
+    assert saved["steps_done"] == 60 and [p["name"] for p in saved["config"]["phases"]] == ["small", "main"]
 
     engine = QZoomEngine(EngineConfig.model_validate({
         "model": {"path": cfg.out_dir, "require_heads": False},

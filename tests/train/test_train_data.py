@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from qzoom_ray.model.tiny import build_tiny_processor, build_tiny_tokenizer
 from qzoom_ray.synth.generator import render_record
+from qzoom_ray.synth.sizing import min_legible_tokens
 from qzoom_ray.train.data import IGNORE_INDEX, TrainSample, encode_sample, pack_by_length
-from qzoom_ray.train.synth_source import document_fields, make_sample_fn, tokenizer_corpus, view_questions
+from qzoom_ray.train.synth_source import (
+    TOKEN_PX,
+    document_fields,
+    make_sample_fn,
+    tight_window,
+    tokenizer_corpus,
+    view_questions,
+)
 
 
 def _processor():
@@ -74,3 +83,29 @@ def test_no_turn_names_what_another_turn_asks_for():
         for o in rec.objects:
             about = [q for q, _ in qa if o["kind"] in q]
             assert len(about) <= 1, about
+
+
+def test_a_curriculum_phase_asks_only_its_templates():
+    fn = make_sample_fn(templates=("doc_header_colour", "scene_code"), full_budgets=(64,))
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        s = fn(rng)
+        for q, _answer in [(s.question, s.answer), *s.more_turns]:
+            assert q == "What colour is the header bar?" or q.startswith("Which code"), q
+    with pytest.raises(ValueError, match="unknown templates"):
+        make_sample_fn(templates=("doc_nothing",))
+
+
+def test_tight_views_hold_the_evidence_at_the_asked_glyph_size():
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        rec = render_record(seed, template="doc_value" if seed % 2 else "scene_code")
+        scale = 1.3 * TOKEN_PX / rec.glyph_px
+        window, budget = tight_window(rec, scale, (1.05, 1.8), rng)
+        ev = rec.evidence_box
+        assert window[0] <= ev[0] and window[1] <= ev[1] and window[2] >= ev[2] and window[3] >= ev[3]
+        # The budget's pixel area shows the window at (about) the asked scale: far fewer tokens than a crop.
+        area = (window[2] - window[0]) * (window[3] - window[1])
+        assert abs((budget * TOKEN_PX**2 / area) ** 0.5 / scale - 1) < 0.25 or budget == 4
+        # A small fraction of what the whole image needs for the same glyph size.
+        assert budget < min_legible_tokens(rec.width, rec.height, rec.glyph_px) / 4
