@@ -46,6 +46,9 @@ class TrainPhase(StrictModel):
     minutes: float = Field(..., gt=0, description="Wall-clock length of the phase.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: the job's lr).")
     decay: bool = Field(True, description="Cosine-decay to zero by the end of the phase (else constant after warm-up).")
+    sample_source: str | None = Field(
+        None, description="'module:function' of this phase's sample source (default: the job's); kwargs not merged then."
+    )
     source_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of the job's source_kwargs.")
 
 
@@ -160,8 +163,11 @@ def train_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
 
-    def stream_for(source_kwargs: dict[str, Any], seed: int):
-        sample_fn = _resolve(cfg.sample_source)(**source_kwargs)
+    def stream_for(phase: TrainPhase, seed: int):
+        if phase.sample_source:
+            sample_fn = _resolve(phase.sample_source)(**phase.source_kwargs)
+        else:
+            sample_fn = _resolve(cfg.sample_source)(**{**cfg.source_kwargs, **phase.source_kwargs})
         return (
             {k: v.to(device) for k, v in b.items()}
             for b in batch_stream(sample_fn, processor, cfg.batch_size, seed, rank, max_tokens=cfg.max_tokens_per_batch)
@@ -209,7 +215,7 @@ def train_worker(config: dict[str, Any]) -> None:
             decay=phase.decay,
         )
         # Each phase draws its own seeded stream, so a run is reproducible phase by phase.
-        stream = stream_for({**cfg.source_kwargs, **phase.source_kwargs}, cfg.seed + 1000 * i)
+        stream = stream_for(phase, cfg.seed + 1000 * i)
         part = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
         stats.losses += part.losses
         stats.samples += part.samples

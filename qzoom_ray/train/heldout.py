@@ -21,14 +21,16 @@ TOKEN_PX = 28
 
 
 def synth_heldout_views(n: int = 48, seed: int = 4242, crop_budget: int = 128, high_budget: int = 1024,
-                        low_budget: int = 64) -> list[tuple[str, TrainSample]]:
+                        low_budget: int = 64, tight: bool = True) -> list[tuple[str, TrainSample]]:
     """(group, view) pairs from benchmark records never drawn in training (their own seed stream).
 
     Groups are ``"<view>/<template>"``: fine records as a crop read at ``crop_budget`` with the glyph
-    1.3 tokens tall, and whole at ``high_budget`` and ``low_budget``; coarse records whole at ``low_budget``.
+    1.3 tokens tall (and, with ``tight``, as a tight view of the evidence at that glyph size: the first
+    place reading shows up), and whole at ``high_budget`` and ``low_budget``; coarse records whole at
+    ``low_budget``.
     """
     from qzoom_ray.synth.generator import render_record
-    from qzoom_ray.train.synth_source import crop_around
+    from qzoom_ray.train.synth_source import crop_around, tight_window
 
     rng = np.random.default_rng([seed, 1])
     views: list[tuple[str, TrainSample]] = []
@@ -40,6 +42,9 @@ def synth_heldout_views(n: int = 48, seed: int = 4242, crop_budget: int = 128, h
             window = crop_around(rec.evidence_box, (rec.width, rec.height), (side, side), rng)
             views.append((f"crop{crop_budget}/{rec.template}",
                           TrainSample(rec.image.crop(window), rec.question, rec.answer, crop_budget)))
+            if tight:
+                window, budget = tight_window(rec, scale, (1.2, 1.2), rng)
+                views.append((f"tight/{rec.template}", TrainSample(rec.image.crop(window), rec.question, rec.answer, budget)))
             views.append((f"full{high_budget}/{rec.template}", TrainSample(rec.image, rec.question, rec.answer, high_budget)))
         views.append((f"full{low_budget}/{rec.template}", TrainSample(rec.image, rec.question, rec.answer, low_budget)))
     return views

@@ -21,6 +21,7 @@ from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.generator import render_record
 from qzoom_ray.synth.vocab import FIELDS, TEMPLATES, vocabulary
 from qzoom_ray.train.data import TrainSample
+from qzoom_ray.train.reading_source import READ_QUESTION
 
 TOKEN_PX = 28
 Box = tuple[int, int, int, int]
@@ -161,5 +162,5 @@ def make_sample_fn(
 def tokenizer_corpus() -> list[str]:
     vocab = vocabulary()
     lines = [" ".join(vocab.words), " ".join(vocab.answers), vocab.characters]
-    lines += [t.replace("{options}", "A. red\nB. blue\nC. green\nD. yellow") for t in TEMPLATES.values()]
+    lines += list(TEMPLATES.values()) + [READ_QUESTION]
     return lines
