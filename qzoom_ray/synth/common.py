@@ -33,6 +33,7 @@ class SynthRecord:
     glyph_px: int = 0  # cap height of the fine text, source pixels
     texts: list[tuple[str, Box]] = field(default_factory=list)
     objects: list[dict[str, Any]] = field(default_factory=list)
+    clutter_texts: list[tuple[str, Box]] = field(default_factory=list)  # distractor text (not asked about)
 
     @property
     def width(self) -> int:

@@ -49,7 +49,10 @@ def shape_outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 INRADIUS = {"circle": 1.0, "square": 0.707, "triangle": 0.5, "diamond": 0.707, "hexagon": 0.866, "star": 0.445}
 
 
-def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, w: int, h: int, glyph: int, avoid: set[str]) -> None:
+def _clutter(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, w: int, h: int, glyph: int, avoid: set[str],
+    log: list[tuple[str, tuple[int, int, int, int]]],
+) -> None:
     n = int(w * h / (14 * glyph) ** 2) + 8
     for _ in range(n):
         x, y = float(rng.uniform(0, w)), float(rng.uniform(0, h))
@@ -69,7 +72,7 @@ def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, w: int, h: int
     for _ in range(max(2, n // 10)):  # grey distractor codes: reading must happen on the right shape
         code = random_code(rng)
         if code not in avoid:
-            draw_text(draw, (float(rng.uniform(0, w)), float(rng.uniform(glyph, h))), code, font, (110, 110, 110))
+            draw_text(draw, (float(rng.uniform(0, w)), float(rng.uniform(glyph, h))), code, font, (110, 110, 110), log)
 
 
 def _place(rng: np.random.Generator, w: int, h: int, n: int, r: float) -> list[tuple[float, float]]:
@@ -106,7 +109,8 @@ def render_scene(rng: np.random.Generator, split: str, width: int, height: int, 
     bg = tuple(int(v) for v in rng.integers(225, 250, 3))
     img = Image.new("RGB", (width, height), bg)  # type: ignore[arg-type]
     draw = ImageDraw.Draw(img)
-    _clutter(rng, draw, width, height, glyph, {c for c in codes if c})
+    clutter_texts: list[tuple[str, tuple[int, int, int, int]]] = []
+    _clutter(rng, draw, width, height, glyph, {c for c in codes if c}, clutter_texts)
     texts: list[tuple[str, tuple[int, int, int, int]]] = []
     objects = []
     for (cx, cy), shape, colour, code in zip(centres, shapes, colours, codes, strict=True):
@@ -121,9 +125,9 @@ def render_scene(rng: np.random.Generator, split: str, width: int, height: int, 
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         box = (int(min(xs)), int(min(ys)), int(math.ceil(max(xs))), int(math.ceil(max(ys))))
         objects.append({"kind": shape, "colour": colour, "code": code, "box": box, "tag_box": tag,
-                        "code_box": code_box, "centre": (cx, cy)})
+                        "code_box": code_box, "centre": (cx, cy), "radius": r})
 
-    common = {"category": "scene", "split": split, "layout": "scene", "glyph_px": glyph}
+    common = {"category": "scene", "split": split, "layout": "scene", "glyph_px": glyph, "clutter_texts": clutter_texts}
     pick = objects[int(rng.integers(len(objects)))]
     if template == "scene_side":
         sided = [o for o in objects if abs(o["centre"][0] - width / 2) > 0.1 * width]

@@ -13,9 +13,9 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qzoom_ray.config import StrictModel
 
@@ -43,6 +43,11 @@ class TrainPhase(StrictModel):
     """One stage of a curriculum: its own data (source kwargs merged over the job's), clock and learning rate."""
 
     name: str = Field(..., description="Shown in logs and held-out records.")
+    kind: Literal["chat", "vision"] = Field(
+        "chat",
+        description="chat: question/answer turns through the whole model; vision: dense per-token labels on "
+        "the vision tower alone (qzoom_ray.train.vision_pretrain), before any chat phase.",
+    )
     minutes: float = Field(..., gt=0, description="Wall-clock length of the phase.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: the job's lr).")
     decay: bool = Field(True, description="Cosine-decay to zero by the end of the phase (else constant after warm-up).")
@@ -50,6 +55,13 @@ class TrainPhase(StrictModel):
         None, description="'module:function' of this phase's sample source (default: the job's); kwargs not merged then."
     )
     source_kwargs: dict[str, Any] = Field(default_factory=dict, description="Overrides of the job's source_kwargs.")
+    batch_size: int | None = Field(None, ge=1, description="Samples (views) per step (default: the job's).")
+    freeze_vision: bool = Field(
+        False, description="chat phases: leave the patch embedding and ViT blocks as they are (the merger still trains)."
+    )
+
+
+VISION_SOURCE = "qzoom_ray.train.vision_source:make_dense_view_fn"
 
 
 class TrainBaseConfig(StrictModel):
@@ -93,6 +105,13 @@ class TrainBaseConfig(StrictModel):
         description="A curriculum: run these phases in order (each with its own data and clock) instead of one "
         "schedule; max_minutes and steps then cap the whole run.",
     )
+
+    @model_validator(mode="after")
+    def _vision_phases_first(self) -> TrainBaseConfig:
+        kinds = [p.kind for p in self.phases]
+        if "vision" in kinds and "chat" in kinds[: kinds.index("vision")]:
+            raise ValueError("vision phases pretrain the tower and must come before every chat phase")
+        return self
 
 
 def _resolve(spec: str):
@@ -160,35 +179,59 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.torch_threads)
     _, processor, model = build_from_checkpoint(cfg.init_from) if cfg.init_from else build_untrained(cfg)
     model.train()
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    prepared: dict[str, Any] = {}
+
+    def chat_model():
+        if "chat" not in prepared:
+            prepared.pop("vision", None)  # drop the tower's own wrapper before wrapping the whole model
+            prepared["chat"] = ray.train.torch.prepare_model(model)
+        return prepared["chat"]
+
+    def vision_model():
+        from qzoom_ray.train.vision_pretrain import VisionPretrainer
+
+        if "vision" not in prepared:
+            pre = VisionPretrainer(model.model.visual, model.config.text_config.hidden_size)
+            prepared["vision"] = (ray.train.torch.prepare_model(pre), pre)
+        return prepared["vision"]
 
     def stream_for(phase: TrainPhase, seed: int):
+        batch_size = phase.batch_size or cfg.batch_size
+        if phase.kind == "vision":
+            from qzoom_ray.train.vision_pretrain import dense_batch_stream
+
+            view_fn = _resolve(phase.sample_source or VISION_SOURCE)(**phase.source_kwargs)
+            return ({k: v.to(device) for k, v in b.items()} for b in dense_batch_stream(view_fn, processor, batch_size, seed, rank))
         if phase.sample_source:
             sample_fn = _resolve(phase.sample_source)(**phase.source_kwargs)
         else:
             sample_fn = _resolve(cfg.sample_source)(**{**cfg.source_kwargs, **phase.source_kwargs})
         return (
             {k: v.to(device) for k, v in b.items()}
-            for b in batch_stream(sample_fn, processor, cfg.batch_size, seed, rank, max_tokens=cfg.max_tokens_per_batch)
+            for b in batch_stream(sample_fn, processor, batch_size, seed, rank, max_tokens=cfg.max_tokens_per_batch)
         )
 
     heldout = _resolve(cfg.heldout_source)(**cfg.heldout_kwargs) if cfg.heldout_source and rank == 0 else None
     heldout_log: list[dict[str, Any]] = []
-    done = {"steps": 0, "phase": "main"}
+    done: dict[str, Any] = {"steps": 0, "phase": "main", "kind": "chat"}
 
     def check_heldout(step: int) -> None:
         from qzoom_ray.train.heldout import teacher_forced_accuracy
 
-        acc = teacher_forced_accuracy(model.module if hasattr(model, "module") else model, processor, heldout)
+        acc = teacher_forced_accuracy(model, processor, heldout)
         heldout_log.append({"step": step, "phase": done["phase"], **acc})
         logger.warning("step %d held-out accuracy %s", step, " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
 
     def log(step: int, loss: float, lr: float) -> None:
         if rank == 0:
             total = done["steps"] + step
-            logger.warning("[%s] step %d (total %d) loss %.4f lr %.2e", done["phase"], step, total, loss, lr)
-            if heldout and total % cfg.heldout_every < cfg.log_every:
+            extra = ""
+            if done["kind"] == "vision":
+                acc = vision_model()[1].last_accuracy
+                extra = " token accuracy " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
+            logger.warning("[%s] step %d (total %d) loss %.4f lr %.2e%s", done["phase"], step, total, loss, lr, extra)
+            if heldout and done["kind"] == "chat" and total % cfg.heldout_every < cfg.log_every:
                 check_heldout(total)
 
     phases = cfg.phases or [
@@ -197,11 +240,12 @@ def train_worker(config: dict[str, Any]) -> None:
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     t_start = time.time()
     stats = LoopStats()
+    phase_log: list[dict[str, Any]] = []
     for i, phase in enumerate(phases):
         left_s = None if budget_s is None else budget_s - (time.time() - t_start)
         if done["steps"] >= cfg.steps or (left_s is not None and left_s <= 0):
             break
-        done["phase"] = phase.name
+        done["phase"], done["kind"] = phase.name, phase.kind
         seconds = phase.minutes * 60 if cfg.phases else None
         if left_s is not None:
             seconds = min(seconds, left_s) if seconds else left_s
@@ -216,12 +260,29 @@ def train_worker(config: dict[str, Any]) -> None:
         )
         # Each phase draws its own seeded stream, so a run is reproducible phase by phase.
         stream = stream_for(phase, cfg.seed + 1000 * i)
-        part = train_loop(model.parameters(), lambda b: model(**b).loss, stream, loop, on_log=log)
+        if phase.kind == "vision":
+            wrapped, _ = vision_model()
+            params = list(wrapped.parameters())
+            loss_fn = wrapped
+        else:
+            wrapped = chat_model()
+            params = [
+                p for n, p in wrapped.named_parameters()
+                if not (phase.freeze_vision and ".visual." in f".{n}" and ".merger." not in n)
+            ]
+
+            def loss_fn(b, wrapped=wrapped):
+                return wrapped(**b).loss
+
+        part = train_loop(params, loss_fn, stream, loop, on_log=log)
         stats.losses += part.losses
         stats.samples += part.samples
         stats.seconds += part.seconds
         done["steps"] += len(part.losses)
-        if heldout and cfg.phases:
+        phase_log.append({"name": phase.name, "kind": phase.kind, "steps": len(part.losses),
+                          "seconds": round(part.seconds, 1), "samples": part.samples,
+                          "final_loss": sum(part.losses[-cfg.log_every :]) / max(1, min(len(part.losses), cfg.log_every))})
+        if heldout and cfg.phases and phase.kind == "chat":
             check_heldout(done["steps"])
     if heldout and not cfg.phases:
         check_heldout(len(stats.losses))
@@ -233,11 +294,11 @@ def train_worker(config: dict[str, Any]) -> None:
         "samples_per_worker": stats.samples,
         "losses": stats.losses,
         "heldout": heldout_log,
+        "phases": phase_log,
     }
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            inner = model.module if hasattr(model, "module") else model
-            inner.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
@@ -276,6 +337,7 @@ def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[st
         "first_loss": metrics.get("first_loss"),
         "final_loss": metrics.get("final_loss"),
         "heldout_final": (metrics.get("heldout") or [None])[-1],
+        "phases": metrics.get("phases", []),
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
     (out / "losses.json").write_text(json.dumps(metrics.get("losses", [])))

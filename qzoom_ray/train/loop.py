@@ -83,7 +83,9 @@ def train_loop(
         opt.step()
         value = float(loss.detach())
         stats.losses.append(value)
-        stats.samples += int(batch["input_ids"].shape[0]) if "input_ids" in batch else 0
+        # Chat batches count sequences; vision batches (no text) count images.
+        key = "input_ids" if "input_ids" in batch else "image_grid_thw"
+        stats.samples += int(batch[key].shape[0]) if key in batch else 0
         window.append(value)
         if on_log and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             on_log(step + 1, sum(window) / len(window), lr)
