@@ -305,6 +305,14 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
 
+def with_absolute_init(cfg: TrainBaseConfig) -> TrainBaseConfig:
+    """``init_from`` as an absolute path when it names a local folder: Ray Train workers run in their own
+    working directory, where a relative path would be taken for a hub id."""
+    if cfg.init_from and Path(cfg.init_from).exists():
+        return cfg.model_copy(update={"init_from": str(Path(cfg.init_from).resolve())})
+    return cfg
+
+
 def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[str, Any]:
     """Run the Ray Train job and write the checkpoint + ``recipe.json`` to ``cfg.out_dir``."""
     from ray.train import RunConfig, ScalingConfig
@@ -313,7 +321,7 @@ def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[st
     t0 = time.time()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config=with_absolute_init(cfg).model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,

@@ -60,3 +60,14 @@ def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
         [EngineRecord(c, Image.new("RGB", (100, 100), rgb), "What colour is the image?") for c, rgb in COLOURS.items()]
     )
     assert sum(r.answer == r.id for r in answers) >= 2, [(r.id, r.answer) for r in answers]
+
+
+def test_a_local_init_from_reaches_the_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    from qzoom_ray.train.base import with_absolute_init
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_init(TrainBaseConfig(out_dir="out", init_from="models/base"))
+    assert cfg.init_from == str(tmp_path / "models" / "base")
+    # A hub id (no such local folder) is passed on untouched.
+    assert with_absolute_init(TrainBaseConfig(out_dir="out", init_from="org/model")).init_from == "org/model"
