@@ -12,6 +12,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +95,10 @@ class TrainBaseConfig(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs reserved per worker.")
     torch_threads: int = Field(2, ge=1, description="torch threads per CPU worker.")
+    data_workers: int = Field(
+        0, ge=0, description="DataLoader processes rendering and encoding batches per worker (0: in the training "
+        "process). A GPU worker needs many: a step takes milliseconds, a rendered view tens of them."
+    )
     log_every: int = Field(20, ge=1, description="Log the mean loss every this many steps.")
     heldout_source: str | None = Field(
         None, description="'module:function' returning [(group, TrainSample)] held-out views, or None."
@@ -163,29 +169,47 @@ def build_from_checkpoint(path: str):
     return processor.tokenizer, processor, model
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Runtime:
+    """Where the shared training body runs: a Ray Train worker or this process (``--no-ray``)."""
+
+    rank: int
+    device: Any
+    prepare_model: Callable[[Any], Any]
+    #: DDP (several workers) needs every parameter to keep requires_grad as wrapped.
+    distributed: bool
+    #: (model, processor, metrics, final) -> None, after each phase and at the end.
+    save: Callable[[Any, Any, dict[str, Any], bool], None]
+
+
+def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
+    """The curriculum: phases in order, each with its own data stream, clock and learning rate."""
     import torch
 
     from qzoom_ray.train.data import batch_stream
     from qzoom_ray.train.loop import LoopConfig, LoopStats, train_loop
+    from qzoom_ray.train.parallel_stream import parallel_batches, to_device
 
-    cfg = TrainBaseConfig.model_validate(config)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    if not cfg.use_gpu:
+    rank, device = rt.rank, rt.device
+    on_gpu = getattr(device, "type", "cpu") == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
         torch.set_num_threads(cfg.torch_threads)
     _, processor, model = build_from_checkpoint(cfg.init_from) if cfg.init_from else build_untrained(cfg)
+    if on_gpu:
+        from qzoom_ray.model.vision_attention import use_padded_vision_attention
+
+        use_padded_vision_attention(model)  # one SDPA call per block instead of one per window
+    model.to(device)
     model.train()
-    device = ray.train.torch.get_device()
     prepared: dict[str, Any] = {}
 
     def chat_model():
         if "chat" not in prepared:
             prepared.pop("vision", None)  # drop the tower's own wrapper before wrapping the whole model
-            prepared["chat"] = ray.train.torch.prepare_model(model)
+            prepared["chat"] = rt.prepare_model(model)
         return prepared["chat"]
 
     def vision_model():
@@ -193,24 +217,30 @@ def train_worker(config: dict[str, Any]) -> None:
 
         if "vision" not in prepared:
             pre = VisionPretrainer(model.model.visual, model.config.text_config.hidden_size)
-            prepared["vision"] = (ray.train.torch.prepare_model(pre), pre)
+            prepared["vision"] = (rt.prepare_model(pre), pre)
         return prepared["vision"]
 
     def stream_for(phase: TrainPhase, seed: int):
         batch_size = phase.batch_size or cfg.batch_size
+        sub = (lambda w: w) if cfg.data_workers else (lambda w: None)  # noqa: E731 (no workers: the plain stream)
         if phase.kind == "vision":
             from qzoom_ray.train.vision_pretrain import dense_batch_stream
 
             view_fn = _resolve(phase.sample_source or VISION_SOURCE)(**phase.source_kwargs)
-            return ({k: v.to(device) for k, v in b.items()} for b in dense_batch_stream(view_fn, processor, batch_size, seed, rank))
-        if phase.sample_source:
-            sample_fn = _resolve(phase.sample_source)(**phase.source_kwargs)
+
+            def make(worker: int):
+                return dense_batch_stream(view_fn, processor, batch_size, seed, rank, substream=sub(worker))
         else:
-            sample_fn = _resolve(cfg.sample_source)(**{**cfg.source_kwargs, **phase.source_kwargs})
-        return (
-            {k: v.to(device) for k, v in b.items()}
-            for b in batch_stream(sample_fn, processor, batch_size, seed, rank, max_tokens=cfg.max_tokens_per_batch)
-        )
+            if phase.sample_source:
+                sample_fn = _resolve(phase.sample_source)(**phase.source_kwargs)
+            else:
+                sample_fn = _resolve(cfg.sample_source)(**{**cfg.source_kwargs, **phase.source_kwargs})
+
+            def make(worker: int):
+                return batch_stream(sample_fn, processor, batch_size, seed, rank,
+                                    max_tokens=cfg.max_tokens_per_batch, substream=sub(worker))
+        batches = parallel_batches(make, cfg.data_workers, pin_memory=on_gpu, half_floats=on_gpu)
+        return (to_device(b, device) for b in batches)
 
     heldout = _resolve(cfg.heldout_source)(**cfg.heldout_kwargs) if cfg.heldout_source and rank == 0 else None
     heldout_log: list[dict[str, Any]] = []
@@ -234,6 +264,9 @@ def train_worker(config: dict[str, Any]) -> None:
             if heldout and done["kind"] == "chat" and total % cfg.heldout_every < cfg.log_every:
                 check_heldout(total)
 
+    def frozen(name: str, phase: TrainPhase) -> bool:
+        return phase.freeze_vision and ".visual." in f".{name}" and ".merger." not in name
+
     phases = cfg.phases or [
         TrainPhase(name="main", minutes=cfg.max_minutes or 1e9, lr=cfg.lr, source_kwargs={})
     ]
@@ -241,6 +274,20 @@ def train_worker(config: dict[str, Any]) -> None:
     t_start = time.time()
     stats = LoopStats()
     phase_log: list[dict[str, Any]] = []
+
+    def metrics() -> dict[str, Any]:
+        n = max(1, min(len(stats.losses), cfg.log_every))
+        return {
+            "steps": len(stats.losses),
+            "final_loss": sum(stats.losses[-cfg.log_every :]) / n if stats.losses else None,
+            "first_loss": sum(stats.losses[: cfg.log_every]) / n if stats.losses else None,
+            "seconds": stats.seconds,
+            "samples_per_worker": stats.samples,
+            "losses": stats.losses,
+            "heldout": heldout_log,
+            "phases": phase_log,
+        }
+
     for i, phase in enumerate(phases):
         left_s = None if budget_s is None else budget_s - (time.time() - t_start)
         if done["steps"] >= cfg.steps or (left_s is not None and left_s <= 0):
@@ -266,15 +313,19 @@ def train_worker(config: dict[str, Any]) -> None:
             loss_fn = wrapped
         else:
             wrapped = chat_model()
-            params = [
-                p for n, p in wrapped.named_parameters()
-                if not (phase.freeze_vision and ".visual." in f".{n}" and ".merger." not in n)
-            ]
+            if not rt.distributed:
+                # One process: a frozen tower needs no backward pass at all. Under DDP the set of
+                # parameters that get gradients must not change after wrapping, so there the tower is
+                # only left out of the optimiser.
+                for n, p in wrapped.named_parameters():
+                    p.requires_grad_(not frozen(n, phase))
+            params = [p for n, p in wrapped.named_parameters() if not frozen(n, phase)]
 
             def loss_fn(b, wrapped=wrapped):
                 return wrapped(**b).loss
 
         part = train_loop(params, loss_fn, stream, loop, on_log=log)
+        del stream  # stops this phase's data workers
         stats.losses += part.losses
         stats.samples += part.samples
         stats.seconds += part.seconds
@@ -284,25 +335,45 @@ def train_worker(config: dict[str, Any]) -> None:
                           "final_loss": sum(part.losses[-cfg.log_every :]) / max(1, min(len(part.losses), cfg.log_every))})
         if heldout and cfg.phases and phase.kind == "chat":
             check_heldout(done["steps"])
+        if i + 1 < len(phases):
+            rt.save(model, processor, metrics(), False)
     if heldout and not cfg.phases:
         check_heldout(len(stats.losses))
-    metrics = {
-        "steps": len(stats.losses),
-        "final_loss": sum(stats.losses[-cfg.log_every :]) / min(len(stats.losses), cfg.log_every),
-        "first_loss": sum(stats.losses[: cfg.log_every]) / min(len(stats.losses), cfg.log_every),
-        "seconds": stats.seconds,
-        "samples_per_worker": stats.samples,
-        "losses": stats.losses,
-        "heldout": heldout_log,
-        "phases": phase_log,
-    }
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    result = metrics()
+    rt.save(model, processor, result, True)
+    return result
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainBaseConfig.model_validate(config)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+
+    def save(model: Any, processor: Any, metrics: dict[str, Any], final: bool) -> None:
+        if not final:
+            return
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    rt = _Runtime(
+        rank=rank,
+        device=ray.train.torch.get_device(),
+        prepare_model=ray.train.torch.prepare_model,
+        distributed=ctx.get_world_size() > 1,
+        save=save,
+    )
+    _run_training(cfg, rt)
 
 
 def with_absolute_init(cfg: TrainBaseConfig) -> TrainBaseConfig:
@@ -313,8 +384,68 @@ def with_absolute_init(cfg: TrainBaseConfig) -> TrainBaseConfig:
     return cfg
 
 
-def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[str, Any]:
-    """Run the Ray Train job and write the checkpoint + ``recipe.json`` to ``cfg.out_dir``."""
+def _recipe(cfg: TrainBaseConfig, metrics: dict[str, Any], wall_seconds: float, launcher: str) -> dict[str, Any]:
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "launcher": launcher,
+        "wall_seconds": wall_seconds,
+        "train_seconds": metrics.get("seconds"),
+        "steps_done": metrics.get("steps"),
+        "samples_seen": (metrics.get("samples_per_worker") or 0) * cfg.num_workers,
+        "first_loss": metrics.get("first_loss"),
+        "final_loss": metrics.get("final_loss"),
+        "heldout_final": (metrics.get("heldout") or [None])[-1],
+        "phases": metrics.get("phases", []),
+    }
+
+
+def _write_run_files(out: Path, recipe: dict[str, Any], metrics: dict[str, Any]) -> None:
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    (out / "losses.json").write_text(json.dumps(metrics.get("losses", [])))
+    (out / "heldout.json").write_text(json.dumps(metrics.get("heldout", []), indent=1))
+
+
+def train_base_local(cfg: TrainBaseConfig) -> dict[str, Any]:
+    """The same training in this process, without Ray (one worker; a GPU when ``use_gpu``).
+
+    For a single machine where Ray is not installed or not wanted. The checkpoint folder is
+    rewritten after every phase, so a run cut short keeps its last finished phase.
+    """
+    import torch
+
+    if cfg.num_workers != 1:
+        raise ValueError("train_base_local runs one worker; use the Ray Train job for num_workers > 1")
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is set but torch sees no CUDA device")
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    rt_device = torch.device("cuda" if cfg.use_gpu else "cpu")
+
+    def save(model: Any, processor: Any, metrics: dict[str, Any], final: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        recipe = _recipe(cfg, metrics, time.time() - t0, "local")
+        recipe["finished"] = final
+        _write_run_files(out, recipe, metrics)
+        logger.warning("saved %s checkpoint to %s", "final" if final else "phase", out)
+
+    rt = _Runtime(
+        rank=0,
+        device=rt_device,
+        prepare_model=lambda m: m.to(rt_device),
+        distributed=False,
+        save=save,
+    )
+    metrics = _run_training(with_absolute_init(cfg), rt)
+    return _recipe(cfg, metrics, time.time() - t0, "local")
+
+
+def train_base(cfg: TrainBaseConfig, storage_path: str | None = None, local: bool = False) -> dict[str, Any]:
+    """Run the Ray Train job (or, ``local``, the same loop in this process) and write the checkpoint +
+    ``recipe.json`` to ``cfg.out_dir``."""
+    if local:
+        return train_base_local(cfg)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -336,18 +467,6 @@ def train_base(cfg: TrainBaseConfig, storage_path: str | None = None) -> dict[st
     out = Path(cfg.out_dir)
     result.checkpoint.to_directory(str(out))
     metrics = dict(result.metrics)
-    recipe = {
-        "config": cfg.model_dump(mode="json"),
-        "wall_seconds": time.time() - t0,
-        "train_seconds": metrics.get("seconds"),
-        "steps_done": metrics.get("steps"),
-        "samples_seen": metrics.get("samples_per_worker", 0) * cfg.num_workers,
-        "first_loss": metrics.get("first_loss"),
-        "final_loss": metrics.get("final_loss"),
-        "heldout_final": (metrics.get("heldout") or [None])[-1],
-        "phases": metrics.get("phases", []),
-    }
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    (out / "losses.json").write_text(json.dumps(metrics.get("losses", [])))
-    (out / "heldout.json").write_text(json.dumps(metrics.get("heldout", []), indent=1))
+    recipe = _recipe(cfg, metrics, time.time() - t0, "ray")
+    _write_run_files(out, recipe, metrics)
     return recipe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -53,6 +54,9 @@ def run_training_job(doc: str, config_cls: str, train: str) -> None:
         p.add_argument(flag, dest=field, type=kind, help=f"override {field}")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument(
+        "--no-ray", action="store_true", help="run the same loop in this process, without Ray (jobs that support it)"
+    )
+    p.add_argument(
         "--address", default=None, help="Ray address; default $RAY_ADDRESS (set by `ray job submit`), else a new local Ray"
     )
     args = p.parse_args()
@@ -65,6 +69,12 @@ def run_training_job(doc: str, config_cls: str, train: str) -> None:
     apply_overrides(cfg, args, given)
     if args.gpu:
         cfg.use_gpu = True
-    init_ray(args.address)
-    summary = _resolve(train)(cfg)
+    train_fn = _resolve(train)
+    if args.no_ray:
+        if "local" not in inspect.signature(train_fn).parameters:
+            p.error("this job runs only on Ray (no --no-ray)")
+        summary = train_fn(cfg, local=True)
+    else:
+        init_ray(args.address)
+        summary = train_fn(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))

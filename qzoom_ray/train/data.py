@@ -108,13 +108,15 @@ def batch_stream(
     rank: int = 0,
     max_tokens: int | None = None,
     pool_batches: int = 8,
+    substream: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches; each worker rank draws from its own seeded stream (reproducible per seed).
+    """Endless batches; each worker rank (and each data worker of a rank, ``substream``) draws from its
+    own seeded stream (reproducible per seed).
 
     With ``max_tokens`` the stream draws ``pool_batches * batch_size`` samples at a time and packs
     them by length (at most ``batch_size`` per batch), so short and long views do not share padding.
     """
-    rng = np.random.default_rng([seed, rank])
+    rng = np.random.default_rng([seed, rank] if substream is None else [seed, rank, substream])
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
     pad_id = int(tok.pad_token_id)

@@ -80,8 +80,8 @@ def collate_dense(encoded: list[dict[str, np.ndarray]]) -> dict[str, torch.Tenso
 
 
 def dense_batch_stream(view_fn: Callable[[np.random.Generator], DenseView], processor: Any, batch_size: int,
-                       seed: int, rank: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless dense batches, one seeded stream per worker rank."""
-    rng = np.random.default_rng([seed, rank])
+                       seed: int, rank: int = 0, substream: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless dense batches, one seeded stream per worker rank (and per data worker, ``substream``)."""
+    rng = np.random.default_rng([seed, rank] if substream is None else [seed, rank, substream])
     while True:
         yield collate_dense([encode_dense_view(processor, view_fn(rng)) for _ in range(batch_size)])

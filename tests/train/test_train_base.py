@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import ray
+import torch
 
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.model.engine import QZoomEngine
@@ -13,26 +14,31 @@ from qzoom_ray.train.base import TinyArch, TrainBaseConfig, TrainPhase, train_ba
 from qzoom_ray.train.smoke_source import COLOURS
 
 
-def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
-    cfg = TrainBaseConfig(
-        out_dir=str(tmp_path / "model"),
+def _smoke_cfg(out, **kw) -> TrainBaseConfig:
+    return TrainBaseConfig(
+        out_dir=str(out),
         sample_source="qzoom_ray.train.smoke_source:make_sample_fn",
         tokenizer_corpus="qzoom_ray.train.smoke_source:tokenizer_corpus",
         vocab_size=320,
         arch=TinyArch(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
                       vision_depth=1, vision_hidden=32),
-        steps=60,
         batch_size=8,
         lr=3e-3,
-        cpus_per_worker=1,
         torch_threads=1,
-        log_every=10,
-        # A few seconds of vision-tower pretraining on dense labels, then two chat phases: a short one
-        # on smaller images, then the rest of the steps.
-        phases=[TrainPhase(name="tower", kind="vision", minutes=0.08, source_kwargs={"canvas_prob": 1.0}),
-                TrainPhase(name="small", minutes=0.1, source_kwargs={"budget_tokens": 9}, freeze_vision=True),
-                TrainPhase(name="main", minutes=10)],
+        log_every=5,
+        **kw,
     )
+
+
+def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
+    # A few seconds of vision-tower pretraining on dense labels, then two chat phases: a short one
+    # on smaller images, then the rest of the steps.
+    cfg = _smoke_cfg(tmp_path / "model", steps=60, cpus_per_worker=1, phases=[
+        TrainPhase(name="tower", kind="vision", minutes=0.08, source_kwargs={"canvas_prob": 1.0}),
+        TrainPhase(name="small", minutes=0.1, source_kwargs={"budget_tokens": 9}, freeze_vision=True),
+        TrainPhase(name="main", minutes=10),
+    ])
+    cfg.log_every = 10
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         recipe = train_base(cfg, storage_path=str(tmp_path / "ray"))
@@ -71,3 +77,44 @@ def test_a_local_init_from_reaches_the_workers_as_an_absolute_path(tmp_path, mon
     assert cfg.init_from == str(tmp_path / "models" / "base")
     # A hub id (no such local folder) is passed on untouched.
     assert with_absolute_init(TrainBaseConfig(out_dir="out", init_from="org/model")).init_from == "org/model"
+
+
+def test_train_base_without_ray_pretrains_then_keeps_the_frozen_tower(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    # One process, batches from a data worker: a vision phase, then a frozen-tower chat phase.
+    cfg = _smoke_cfg(tmp_path / "model", steps=24, data_workers=1, phases=[
+        TrainPhase(name="tower", kind="vision", minutes=10, source_kwargs={"canvas_prob": 1.0}),
+        TrainPhase(name="chat", minutes=10, freeze_vision=True),
+    ])
+    # The step cap would end the run inside the tower phase: give each phase its share instead.
+    cfg.phases[0].minutes = 0.05
+    with caplog.at_level("WARNING"):
+        recipe = train_base(cfg, local=True)
+    assert "saved phase checkpoint" in caplog.text and "saved final checkpoint" in caplog.text
+    saved = json.loads((tmp_path / "model" / "recipe.json").read_text())
+    assert saved["launcher"] == "local" and saved["finished"] is True
+    assert [p["name"] for p in recipe["phases"]] == ["tower", "chat"] and recipe["steps_done"] == 24
+
+    # Continue from it in chat with the tower frozen: ViT blocks and patch embedding are unchanged,
+    # the merger and the language model learn.
+    more = _smoke_cfg(tmp_path / "more", steps=6, init_from=str(tmp_path / "model"),
+                      phases=[TrainPhase(name="chat", minutes=10, freeze_vision=True)])
+    train_base(more, local=True)
+    before = load_file(str(tmp_path / "model" / "model.safetensors"))
+    after = load_file(str(tmp_path / "more" / "model.safetensors"))
+    tower = [k for k in before if k.startswith("visual.") and ".merger." not in k]
+    trained = [k for k in before if k not in tower]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in trained if ".merger." in k)
+    assert any(not torch.equal(before[k], after[k]) for k in trained if k.startswith("model.layers."))
+
+
+def test_local_training_refuses_several_workers_and_a_missing_gpu(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="one worker"):
+        train_base(_smoke_cfg(tmp_path, num_workers=2), local=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            train_base(_smoke_cfg(tmp_path, use_gpu=True), local=True)
