@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,11 +40,24 @@ class StrictModel(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def with_absolute_init(cfg: Any) -> Any:
+    """``cfg`` with ``init_from`` as an absolute path when it names a local folder.
+
+    Ray Train workers run in their own working directory, where a relative path would be taken for
+    a hub id; a hub id (no such local folder) is passed on untouched.
+    """
+    init = getattr(cfg, "init_from", None)
+    if init and Path(init).exists() and not Path(init).is_absolute():
+        return cfg.model_copy(update={"init_from": str(Path(init).resolve())})
+    return cfg
+
+
 class ModelConfig(StrictModel):
     path: str = Field(
         "embedded:tiny",
         description="Local directory or hub id of a Q-Zoom checkpoint (released layout) or a stock "
-        "Qwen2.5-VL. 'embedded:tiny' builds (once, cached) the small offline model that ships with the repo.",
+        "Qwen2.5-VL. 'embedded:tiny' is the tiny Q-Zoom model trained on the synthetic benchmark that ships "
+        "with the package ('embedded:tiny-base': its base model; 'embedded:tiny-random': random weights).",
     )
     heads_path: str | None = Field(
         None,

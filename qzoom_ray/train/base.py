@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from qzoom_ray.config import StrictModel
+from qzoom_ray.config import StrictModel, with_absolute_init
 
 logger = logging.getLogger(__name__)
 
@@ -374,14 +374,6 @@ def train_worker(config: dict[str, Any]) -> None:
         save=save,
     )
     _run_training(cfg, rt)
-
-
-def with_absolute_init(cfg: TrainBaseConfig) -> TrainBaseConfig:
-    """``init_from`` as an absolute path when it names a local folder: Ray Train workers run in their own
-    working directory, where a relative path would be taken for a hub id."""
-    if cfg.init_from and Path(cfg.init_from).exists():
-        return cfg.model_copy(update={"init_from": str(Path(cfg.init_from).resolve())})
-    return cfg
 
 
 def _recipe(cfg: TrainBaseConfig, metrics: dict[str, Any], wall_seconds: float, launcher: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from qzoom_ray.config import ModelConfig, StrictModel
+from qzoom_ray.config import ModelConfig, StrictModel, with_absolute_init
 from qzoom_ray.model.heads import QZoomHeads
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run_stage(stage: str, worker: Callable[[dict[str, Any]], None], cfg: StageCo
     t0 = time.time()
     trainer = TorchTrainer(
         worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config=with_absolute_init(cfg).model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=f"qzoom-{stage}-{int(t0)}",
