@@ -21,6 +21,8 @@ def main() -> None:
     p.add_argument("--pad-to-square", action="store_true")
     p.add_argument("--answers", choices=["ground_truth", "model"], default="ground_truth")
     p.add_argument("--top", type=int, default=4, help="heads in the suggested grounding set")
+    p.add_argument("--query-rows", choices=["answer", "with_last_prompt"], default="answer",
+                   help="rows whose attention is read (PseudoLabelConfig.query_rows)")
     p.add_argument("--out", help="write the full ranking (JSON) here")
     args = p.parse_args()
 
@@ -31,7 +33,8 @@ def main() -> None:
     from qzoom_ray.train.rayio import plain
 
     rows = [plain(r) for r in pq.read_table(args.data).slice(0, args.limit).to_pylist()]
-    reader = AttentionReader(ModelConfig(path=args.model, require_heads=False), args.budget, args.pad_to_square)
+    reader = AttentionReader(ModelConfig(path=args.model, require_heads=False), args.budget, args.pad_to_square,
+                             query_rows=args.query_rows)
     ranked = rank_heads(reader, rows, answer_source=args.answers)
     if args.out:
         with open(args.out, "w") as fh:

@@ -45,14 +45,12 @@ class LoadedModel:
 
 
 def resolve_checkpoint_dir(path: str, revision: str | None = None) -> Path:
-    """Local folder as is; ``embedded:tiny`` built offline; anything else is a hub id to download."""
+    """Local folder as is; ``embedded:NAME`` a model that ships with the package (or, ``tiny-random``,
+    is built offline); anything else is a hub id to download."""
     if path.startswith(EMBEDDED_PREFIX):
-        name = path[len(EMBEDDED_PREFIX) :]
-        if name != "tiny":
-            raise ValueError(f"unknown embedded model {path!r}; available: 'embedded:tiny'")
-        from qzoom_ray.model.tiny import ensure_embedded_model
+        from qzoom_ray.model.embedded import embedded_checkpoint_dir
 
-        return ensure_embedded_model()
+        return embedded_checkpoint_dir(path[len(EMBEDDED_PREFIX) :])
     local = Path(path).expanduser()
     if local.is_dir():
         return local

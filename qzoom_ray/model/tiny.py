@@ -1,6 +1,6 @@
 """A small random-init Qwen2.5-VL with Q-Zoom heads, tokenizer and processor, built fully offline.
 
-Used by the tests and as the embedded default until a trained tiny model ships. The output folder
+Used by the tests and as ``embedded:tiny-random`` (every code path on random weights). The output folder
 is in the authors' released layout (see ``checkpoint.save_released_layout``), so the same loader
 path that reads ``YuhengSSS/Q-Zoom-Qwen2.5VL-7B`` reads it.
 """

@@ -37,6 +37,12 @@ class PseudoLabelConfig(StrictModel):
     answer_source: Literal["model", "ground_truth"] = Field(
         "model", description="model: the base model's greedy answer (the authors'); ground_truth: the label."
     )
+    query_rows: Literal["answer", "with_last_prompt"] = Field(
+        "answer",
+        description="answer: the answer tokens' rows (the authors': decode steps >= 1). with_last_prompt: also "
+        "the last prompt token, the row that produced the first answer token; for one-token answers the "
+        "answer's own row only predicts the end of the turn and need not look at the evidence.",
+    )
     max_new_tokens: int = Field(32, ge=1)
     sink_thresh: float = 1e-2
     fg_coeff: float = 0.25
@@ -69,7 +75,7 @@ class AttentionReader:
     """Loads a model once; reads per-head answer->image attention maps for batches of rows."""
 
     def __init__(self, model: ModelConfig, budget_tokens: int, pad_to_square: bool, loaded: Any = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, query_rows: str = "answer"):
         from qzoom_ray.model.loader import load_model
 
         if torch_threads:
@@ -82,6 +88,7 @@ class AttentionReader:
         self.image_token_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
         self.budget = budget_tokens
         self.pad_to_square = pad_to_square
+        self.first_row_offset = -1 if query_rows == "with_last_prompt" else 0
         self._engine = None
 
     def view(self, image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
@@ -112,7 +119,9 @@ class AttentionReader:
                for im, q, a in zip(images, questions, answers, strict=True)]
         batch = build_batch(self.adapter, enc, self.pad_id, self.image_token_id)
         cap = AttentionCapture(self.adapter.layers, heads)
-        rows = [torch.arange(batch.pads[b] + e.prompt_len, batch.pads[b] + len(e.input_ids), device=self.adapter.device)
+        first = self.first_row_offset
+        rows = [torch.arange(batch.pads[b] + e.prompt_len + first, batch.pads[b] + len(e.input_ids),
+                             device=self.adapter.device)
                 for b, e in enumerate(enc)]
         keys = [torch.arange(image_columns(batch, enc, b).start, image_columns(batch, enc, b).stop,
                              device=self.adapter.device) for b in range(len(enc))]
@@ -131,7 +140,8 @@ class PseudoLabeler:
         self.cfg = cfg
         self.grounding = parse_heads(cfg.grounding_heads)
         self.sink = parse_heads(cfg.sink_heads)
-        self.reader = AttentionReader(cfg.model, cfg.budget_tokens, cfg.pad_to_square, loaded, cfg.torch_threads)
+        self.reader = AttentionReader(cfg.model, cfg.budget_tokens, cfg.pad_to_square, loaded, cfg.torch_threads,
+                                      cfg.query_rows)
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []

@@ -80,3 +80,32 @@ def test_rank_heads_and_labeller_rows(eager_model):
         assert len(r["labels"]) == r["grid_h"] * r["grid_w"] == len(r["attn_map"])
         assert r["grid_h"] == r["grid_w"]  # square-padded view
         assert set(r["labels"]) <= {1, 0, -100} and r["answer"]
+
+
+def test_reading_with_the_last_prompt_row_adds_the_row_that_produced_the_answer(eager_model):
+    from qzoom_ray.train.pseudo import AttentionReader
+
+    loaded = eager_model
+    a, tok = loaded.adapter, loaded.processor.tokenizer
+    image, question, answer = _image(5, 112, 84), "What is the code?", "ab"
+    heads = {1: None}
+    answer_only = AttentionReader(None, 12, False, loaded=loaded)
+    with_producer = AttentionReader(None, 12, False, loaded=loaded, query_rows="with_last_prompt")
+    (enc,), (maps_a,) = answer_only.read([image], [question], [answer], heads)
+    _, (maps_p,) = with_producer.read([image], [question], [answer], heads)
+
+    # Reference: eager attention of the last prompt row and of the answer rows, averaged.
+    batch = build_batch(a, [enc], int(tok.pad_token_id), int(tok.convert_tokens_to_ids("<|image_pad|>")))
+    with torch.no_grad():
+        out = a.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      pixel_values=torch.from_numpy(enc.pixel_values), image_grid_thw=torch.tensor([enc.grid_thw]),
+                      mm_token_type_ids=(batch.input_ids == a.image_token_id).int(), output_attentions=True)
+    cols = image_columns(batch, [enc], 0)
+    start = batch.pads[0] + enc.prompt_len
+    att = out.attentions[1][0][:, :, cols.start : cols.stop].float()  # (heads, query, image)
+    for h in range(a.text_config.num_attention_heads):
+        ref_a = att[h, start : start + len(enc.input_ids) - enc.prompt_len].mean(0).reshape(enc.merged_grid)
+        ref_p = att[h, start - 1 : start + len(enc.input_ids) - enc.prompt_len].mean(0).reshape(enc.merged_grid)
+        torch.testing.assert_close(maps_a[(1, h)], ref_a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(maps_p[(1, h)], ref_p, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(maps_a[(1, 0)], maps_p[(1, 0)])
