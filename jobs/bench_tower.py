@@ -31,7 +31,7 @@ def run_arm(args: argparse.Namespace, snap: bool) -> list[float]:
     import torch
     import yaml
 
-    from qzoom_ray.train.base import TrainBaseConfig, build_untrained
+    from qzoom_ray.train.base_config import TrainBaseConfig, build_untrained
     from qzoom_ray.train.vision_pretrain import VisionPretrainer, collate_dense, encode_dense_view
     from qzoom_ray.train.vision_source import HEAD_CLASSES, IGNORE, render_canvas
 

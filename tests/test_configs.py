@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def config_models() -> dict[str, type[StrictModel]]:
     from qzoom_ray.pipeline.config import BatchJobConfig
     from qzoom_ray.serve.config import ServeArgs
-    from qzoom_ray.train.base import TrainBaseConfig
+    from qzoom_ray.train.base_config import TrainBaseConfig
 
     return {"batch": BatchJobConfig, "serve": ServeArgs, "train-base": TrainBaseConfig, "engine": EngineConfig}
 

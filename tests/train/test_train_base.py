@@ -10,7 +10,8 @@ import torch
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.model.engine import QZoomEngine
 from qzoom_ray.model.state import EngineRecord
-from qzoom_ray.train.base import TinyArch, TrainBaseConfig, TrainPhase, train_base
+from qzoom_ray.train.base import train_base
+from qzoom_ray.train.base_config import TinyArch, TrainBaseConfig, TrainPhase
 from qzoom_ray.train.smoke_source import COLOURS
 
 
@@ -69,7 +70,7 @@ def test_train_base_learns_and_saves_a_loadable_checkpoint(tmp_path):
 
 
 def test_a_local_init_from_reaches_the_workers_as_an_absolute_path(tmp_path, monkeypatch):
-    from qzoom_ray.train.base import with_absolute_init
+    from qzoom_ray.config import with_absolute_init
 
     (tmp_path / "models" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

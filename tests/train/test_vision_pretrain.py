@@ -9,7 +9,7 @@ from PIL import Image
 
 from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.vocab import COLOURS, FIELDS
-from qzoom_ray.train.base import TinyArch, TrainBaseConfig, TrainPhase, build_untrained
+from qzoom_ray.train.base_config import TinyArch, TrainBaseConfig, TrainPhase, build_untrained
 from qzoom_ray.train.vision_pretrain import VisionPretrainer, collate_dense, encode_dense_view
 from qzoom_ray.train.vision_source import (
     GLYPHS,
