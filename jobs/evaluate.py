@@ -4,6 +4,8 @@
     python jobs/evaluate.py --data data/synth.parquet --model /path/ckpt --limit 200 \\
         --baseline-budgets 64,128,256,576,1024 --qzoom-budgets 64,128,256,576 --batch-size 4
     python jobs/evaluate.py --data d.parquet --config configs/engine.yaml --out runs/eval
+    python jobs/evaluate.py --data d.parquet --config configs/eval-tiny-qzoom.yaml \
+        --baseline-model embedded:tiny-base   # the paper's comparison: the untouched base model
 
 Writes summary.csv, summary.md (table + speedups), tradeoff.json, pareto.png and
 predictions.parquet (one row per record and setting; the gallery reads it) into --out.
@@ -25,8 +27,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="labelled .parquet or .jsonl")
     p.add_argument("--config", help="EngineConfig YAML (model, thresholds, generation)")
     p.add_argument("--model", help="checkpoint dir / hub id; overrides the config's model.path")
+    p.add_argument(
+        "--baseline-model",
+        help="run the baseline ladder on this checkpoint instead (e.g. the base model the Q-Zoom one was trained "
+        "from, as the paper compares); same engine settings otherwise",
+    )
     p.add_argument("--baseline-budgets", type=_budgets, default=[64, 128, 256, 576, 1024])
     p.add_argument("--qzoom-budgets", type=_budgets, default=[64, 128, 256, 576, 1024])
+    p.add_argument(
+        "--oracle-budgets", type=_budgets, default=[],
+        help="also answer every record from a crop of its ground-truth evidence box at these budgets (no gate, "
+        "no twig): the RPN's upper bound",
+    )
     p.add_argument("--min-tokens", type=int, default=None, help="fixed lower budget (default: the paper's rule)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--batch-size", type=int, default=1, help="engine batch size for every setting")
@@ -75,11 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         rate_basis=args.rate_basis,
         paper_qzoom_budget=args.paper_budget,
         save_roi_maps=not args.no_roi_maps,
+        oracle_budgets=args.oracle_budgets,
     )
     rows = load_labelled(args.data, args.limit, args.metric)
     print(f"{len(rows)} records from {args.data}", flush=True)
-    runs = run_evaluation(rows, build_config(args), settings, progress=lambda m: print(m, flush=True))
-    report = write_report(runs, settings, args.out, title=f"{args.data} ({len(rows)} records)")
+    config = build_config(args)
+    baseline_config = None
+    title = f"{args.data} ({len(rows)} records)"
+    if args.baseline_model:
+        data = config.model_dump()
+        data["model"].update(path=args.baseline_model, heads_path=None, require_heads=False)
+        baseline_config = type(config).model_validate(data)
+        title += f"; baseline: {args.baseline_model}, Q-Zoom: {config.model.path}"
+    runs = run_evaluation(rows, config, settings, progress=lambda m: print(m, flush=True),
+                          baseline_config=baseline_config)
+    report = write_report(runs, settings, args.out, title=title)
     print(report["markdown"])
     print(f"wrote {args.out}/summary.csv, summary.md, tradeoff.json, pareto.png, predictions.parquet")
     return 0

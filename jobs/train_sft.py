@@ -5,7 +5,8 @@
 
 Mining answers every question with the base path and the always-on RoI path of the stage-1
 checkpoint and judges both (ground-truth metrics by default, an LLM judge optionally); training
-rows = regressions (+ improvements at `mixing_ratio`).
+rows = regressions (+ improvements at `mixing_ratio`). With `source: pseudo_labels` there is no mining:
+every valid stage-1 row is cropped at its pseudo-RoI box and taught the base model's own high-res answer.
 """
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     if args.gpu:
         job.train.use_gpu = True
     init_ray()
-    if not args.skip_mining:
+    if not args.skip_mining and job.source == "mined":
         print(json.dumps(mine_regressions(job)))
     entry = train_on_mined(job)
     print(json.dumps({k: v for k, v in entry.items() if k != "config"}, indent=2))

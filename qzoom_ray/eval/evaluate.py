@@ -9,12 +9,14 @@ and the speedup numbers.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import Field
 
 from qzoom_ray.config import QWEN25_TOKEN_PX, EngineConfig, StrictModel
@@ -24,7 +26,7 @@ from qzoom_ray.model.state import EngineRecord, EngineResult
 
 logger = logging.getLogger(__name__)
 
-BASELINE, QZOOM = "baseline", "qzoom"
+BASELINE, QZOOM, ORACLE = "baseline", "qzoom", "qzoom_oracle"
 
 
 class EvalSettings(StrictModel):
@@ -48,6 +50,12 @@ class EvalSettings(StrictModel):
         None, description="Fixed Q-Zoom budget of the paper's speedup (1024 Doc, 576 HR). None: 1024 if run."
     )
     save_roi_maps: bool = Field(True, description="Keep the RoI maps of Q-Zoom records (for the gallery).")
+    oracle_budgets: list[int] = Field(
+        [],
+        description="Budgets of Q-Zoom's second pass on the ground-truth evidence box (every record zoomed, no gate, "
+        "no twig): the accuracy the RPN could buy with perfect boxes. Rows without an evidence box get an error. "
+        "Its records/s leave out the coarse pass and are not used for speedups.",
+    )
 
 
 def min_tokens_for(budget: int, min_tokens: int | None) -> int:
@@ -120,6 +128,20 @@ def prediction_row(method: str, budget: int, row: LabelledRow, res: EngineResult
     return out
 
 
+def evidence_box_norm(row: LabelledRow) -> tuple[float, float, float, float] | None:
+    """The row's evidence box as fractions of its image size (None without a box or a readable image)."""
+    if not row.evidence_box:
+        return None
+    try:
+        with Image.open(io.BytesIO(row.image)) as im:  # reads the header only
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - an unreadable image is reported by the engine itself
+        return None
+    x0, y0, x1, y1 = row.evidence_box
+    box = (max(0.0, x0 / w), max(0.0, y0 / h), min(1.0, x1 / w), min(1.0, y1 / h))
+    return box if box[0] < box[2] and box[1] < box[3] else None
+
+
 def _engine_config(config: EngineConfig, mode: str, batch_size: int, return_map: bool) -> EngineConfig:
     data = config.model_dump()
     data["zoom"]["mode"] = mode
@@ -134,23 +156,34 @@ def run_evaluation(
     settings: EvalSettings,
     progress: Callable[[str], None] | None = None,
     loaded: Any = None,
+    baseline_config: EngineConfig | None = None,
 ) -> list[SettingRun]:
-    """Run every (method, budget) over ``rows``; the model is loaded once and shared."""
+    """Run every (method, budget) over ``rows``; the model is loaded once and shared.
+
+    ``baseline_config``: run the baseline ladder on another checkpoint (its own load), e.g. the base model
+    a Q-Zoom checkpoint was trained from: stage 2 fine-tunes the decoder, so the Q-Zoom checkpoint in
+    baseline mode is not the model the paper compares against.
+    """
     from qzoom_ray.model.engine import QZoomEngine
 
     px = QWEN25_TOKEN_PX**2
-    base_cfg = _engine_config(config, BASELINE, settings.batch_size, False)
-    baseline = QZoomEngine(base_cfg, loaded=loaded)
-    engines = {BASELINE: baseline}
+    qzoom_cfg = _engine_config(config, QZOOM, settings.batch_size, settings.save_roi_maps)
+    engines: dict[str, Any] = {}
     ladders = {BASELINE: settings.baseline_budgets, QZOOM: settings.qzoom_budgets}
-    if settings.qzoom_budgets:
-        if baseline.loaded.heads is None:
-            logger.warning("the checkpoint has no Q-Zoom heads: only the baseline is evaluated")
-            ladders[QZOOM] = []
-        else:
-            q_cfg = _engine_config(config, QZOOM, settings.batch_size, settings.save_roi_maps)
-            engines[QZOOM] = QZoomEngine(q_cfg, loaded=baseline.loaded)
+    if baseline_config is not None:
+        engines[BASELINE] = QZoomEngine(_engine_config(baseline_config, BASELINE, settings.batch_size, False))
+        if settings.qzoom_budgets:
+            engines[QZOOM] = QZoomEngine(qzoom_cfg, loaded=loaded)
+    else:
+        engines[BASELINE] = QZoomEngine(_engine_config(config, BASELINE, settings.batch_size, False), loaded=loaded)
+        if settings.qzoom_budgets:
+            engines[QZOOM] = QZoomEngine(qzoom_cfg, loaded=engines[BASELINE].loaded)
+    if QZOOM in engines and engines[QZOOM].loaded.heads is None:
+        logger.warning("the checkpoint has no Q-Zoom heads: only the baseline is evaluated")
+        ladders[QZOOM] = []
 
+    if settings.oracle_budgets and QZOOM in engines:
+        ladders[ORACLE] = settings.oracle_budgets
     runs: list[SettingRun] = []
     for method, budgets in ladders.items():
         warm = settings.warmup
@@ -159,13 +192,23 @@ def run_evaluation(
             records = [
                 EngineRecord(r.id, r.image, r.question, min_pixels=lo * px, max_pixels=budget * px) for r in rows
             ]
-            engine = engines[method]
-            for _ in range(warm):  # first calls pay one-off costs (allocator, kernels, lazy imports)
-                engine.generate(records[: settings.batch_size])
-            warm = 0
-            t0 = time.perf_counter()
-            results = engine.generate(records)
-            wall = time.perf_counter() - t0
+            engine = engines[QZOOM if method == ORACLE else method]
+            if method == ORACLE:
+                boxes = [evidence_box_norm(r) for r in rows]
+                todo = [i for i, b in enumerate(boxes) if b is not None]
+                t0 = time.perf_counter()
+                answered = engine.zoom_at([records[i] for i in todo], [boxes[i] for i in todo])
+                wall = time.perf_counter() - t0
+                results = [EngineResult(id=r.id, error="no evidence box") for r in rows]
+                for i, res in zip(todo, answered, strict=True):
+                    results[i] = res
+            else:
+                for _ in range(warm):  # first calls pay one-off costs (allocator, kernels, lazy imports)
+                    engine.generate(records[: settings.batch_size])
+                warm = 0
+                t0 = time.perf_counter()
+                results = engine.generate(records)
+                wall = time.perf_counter() - t0
             keep = method == QZOOM and settings.save_roi_maps
             preds = [prediction_row(method, budget, r, res, keep) for r, res in zip(rows, results, strict=True)]
             runs.append(SettingRun(method, budget, wall, preds))

@@ -9,7 +9,7 @@ lets tests and notebooks run a stage without going through a command line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -73,6 +73,14 @@ class SftJob(StrictModel):
     rows_per_batch: int = Field(16, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
     limit: int | None = None
+    source: Literal["mined", "pseudo_labels"] = Field(
+        "mined",
+        description="mined: the paper's stage 2 (regressions of the twig's RoI path). pseudo_labels: every valid "
+        "stage-1 row, cropped at its pseudo-RoI box, taught the base model's own high-resolution answer; for a "
+        "base model that never saw a second image block and a twig too weak to give readable crops yet.",
+    )
+    pseudo_labels: str | None = Field(None, description="Stage-1 label Parquet (source: pseudo_labels).")
+    roi_pad_cells: int = Field(2, ge=0, description="Margin added around each pseudo-RoI box, in label-grid cells.")
     mine: MineConfig
     train: SftConfig
 
@@ -90,13 +98,20 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qzoom_ray.train.sft import select_training_rows, train_sft
+    from qzoom_ray.train.sft import pseudo_roi_rows, select_training_rows, train_sft
 
-    rows = pq.read_table(job.mined).to_pylist()
-    picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
-    kinds = [r["kind"] for r in rows]
-    summary = {"mined": len(rows), "regressions": kinds.count("regression"),
-               "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
+    if job.source == "pseudo_labels":
+        if not job.pseudo_labels:
+            raise ValueError("source: pseudo_labels needs `pseudo_labels` (the stage-1 label Parquet)")
+        labels = pq.read_table(job.pseudo_labels).to_pylist()
+        picked = pseudo_roi_rows(labels, job.roi_pad_cells)
+        summary = {"source": "pseudo_labels", "label_rows": len(labels), "training_rows": len(picked)}
+    else:
+        rows = pq.read_table(job.mined).to_pylist()
+        picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
+        kinds = [r["kind"] for r in rows]
+        summary = {"mined": len(rows), "regressions": kinds.count("regression"),
+                   "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
     if not picked:
         raise ValueError(f"no training rows were mined: {summary}")
     path = Path(job.mined) / "training" / "sft-train.parquet"

@@ -9,7 +9,7 @@ label grid when the two differ.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,12 @@ class RpnConfig(StageConfig):
     reuse_src_pos: bool = Field(True, description="Written to config.json: stage 2 trains with aligned positions.")
     twig_init: bool = Field(True, description="Copy base layers K..K+T-1 into the twig before training.")
     budget_tokens: int | None = Field(None, description="Image budget while training; None: each row's label budget.")
+    fg_weight: float | Literal["balanced"] = Field(
+        1.0,
+        description="Weight of foreground cells in the BCE. 1.0: the paper's plain mean. 'balanced': n_bg / n_fg of "
+        "each batch, for backbones whose attention is so peaked that foreground is a fraction of a percent of the "
+        "labelled cells (a plain mean then learns 'background everywhere').",
+    )
     lr: float = 1e-4
 
 
@@ -91,8 +97,14 @@ def label_map(row: dict[str, Any]) -> np.ndarray:
     return np.asarray(row["labels"], dtype=np.int64).reshape(int(row["grid_h"]), int(row["grid_w"]))
 
 
-def selective_bce(logit_maps: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
-    """Mean BCE over every cell labelled 0/1 in the batch; predictions resized to their label grid."""
+def selective_bce(
+    logit_maps: list[torch.Tensor], labels: list[torch.Tensor], fg_weight: float | str = 1.0
+) -> torch.Tensor:
+    """Mean BCE over every cell labelled 0/1 in the batch; predictions resized to their label grid.
+
+    ``fg_weight`` scales the foreground cells' terms; ``"balanced"`` uses n_bg / n_fg of the batch, so both
+    classes weigh the same in the mean.
+    """
     logits, targets = [], []
     for pred, lab in zip(logit_maps, labels, strict=True):
         if pred.shape != lab.shape:
@@ -103,7 +115,15 @@ def selective_bce(logit_maps: list[torch.Tensor], labels: list[torch.Tensor]) ->
     logit = torch.cat(logits)
     if logit.numel() == 0:
         return sum(p.sum() for p in logit_maps) * 0.0  # keeps the graph so every rank still syncs
-    return F.binary_cross_entropy_with_logits(logit.float(), torch.cat(targets).float())
+    target = torch.cat(targets).float()
+    if fg_weight == "balanced":
+        n_fg = float(target.sum())
+        weight = (target.numel() - n_fg) / n_fg if n_fg > 0 else 1.0
+    else:
+        weight = float(fg_weight)
+    if weight == 1.0:
+        return F.binary_cross_entropy_with_logits(logit.float(), target)
+    return F.binary_cross_entropy_with_logits(logit.float(), target, pos_weight=torch.tensor(weight, device=logit.device))
 
 
 def twig_logit_maps(loaded: Any, heads: QZoomHeads, enc: list[Encoded]) -> list[torch.Tensor]:
@@ -118,7 +138,7 @@ def twig_logit_maps(loaded: Any, heads: QZoomHeads, enc: list[Encoded]) -> list[
     return [scores[b, image_columns(batch, enc, b)].reshape(e.merged_grid) for b, e in enumerate(enc)]
 
 
-def rpn_loss_fn(loaded: Any, heads: QZoomHeads, budget_tokens: int | None):
+def rpn_loss_fn(loaded: Any, heads: QZoomHeads, budget_tokens: int | None, fg_weight: float | str = 1.0):
     proc = loaded.processor
 
     def loss(rows: list[dict[str, Any]]) -> torch.Tensor:
@@ -126,7 +146,7 @@ def rpn_loss_fn(loaded: Any, heads: QZoomHeads, budget_tokens: int | None):
                       budget_tokens or int(r["budget_tokens"]), token_px=loaded.adapter.token_px) for r in rows]
         maps = twig_logit_maps(loaded, heads, enc)
         labels = [torch.from_numpy(label_map(r)).to(maps[0].device) for r in rows]
-        return selective_bce(maps, labels)
+        return selective_bce(maps, labels, fg_weight)
 
     return loss
 
@@ -138,7 +158,7 @@ def rpn_worker(config: dict[str, Any]) -> None:
     heads = prepare_heads(loaded, cfg.twig_K, cfg.twig_T, cfg.enable_high_res, cfg.reuse_src_pos, cfg.twig_init)
     set_trainable(twig_trainable(heads), [loaded.adapter.model, heads])
     heads.train()
-    module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens))
+    module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens, cfg.fg_weight))
     # Only rows with a usable map teach anything; invalid ones would be all-ignore batches.
     batches = (
         [r for r in rows if r.get("valid", True)] or rows

@@ -195,6 +195,23 @@ class SftConfig(StageConfig):
     lr: float = 1e-6
 
 
+def pseudo_roi_rows(label_rows: list[dict[str, Any]], pad_cells: int) -> list[dict[str, Any]]:
+    """Stage-2 rows from stage-1 label rows: the pseudo-RoI box (padded by ``pad_cells`` label-grid cells) as the
+    region, the base model's own high-resolution answer as the target. Self-supervised: no ground truth is read.
+    """
+    out = []
+    for r in label_rows:
+        if not r.get("valid") or r.get("fg_box") is None or not str(r.get("answer") or "").strip():
+            continue
+        gh, gw = int(r["grid_h"]), int(r["grid_w"])
+        x0, y0, x1, y1 = (int(v) for v in r["fg_box"])
+        box = (max(0, x0 - pad_cells) / gw, max(0, y0 - pad_cells) / gh,
+               min(gw, x1 + pad_cells) / gw, min(gh, y1 + pad_cells) / gh)
+        out.append({"id": str(r["id"]), "image": _image_bytes(r["image"]), "question": str(r["question"]),
+                    "target": str(r["answer"]), "roi_box_norm": list(box), "kind": "pseudo_roi"})
+    return out
+
+
 def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dict[str, Any] | None:
     """Pass 1 under inference mode -> spliced ids, aligned positions, labels and ViT features; None: no RoI."""
     px = budget_tokens * engine.adapter.token_px**2
@@ -202,7 +219,10 @@ def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dic
                                        min_pixels=px, max_pixels=px, gate_thresh=0.0))
     if not hasattr(prep, "input_ids"):
         return None
-    out = engine.coarse([prep], keep_prefix=False)[0]
+    if row.get("roi_box_norm") is not None:  # a given region (the stage-1 pseudo-RoI): no twig pass needed
+        out = engine.request_for_box(prep, row["roi_box_norm"])
+    else:
+        out = engine.coarse([prep], keep_prefix=False)[0]
     if not isinstance(out, ZoomRequest):  # empty map or unencodable crop: no zoomed view to learn from
         return None
     from qzoom_ray.model.splice import coarse_positions

@@ -101,3 +101,42 @@ def test_report_without_qzoom_rows(tmp_path):
     report = write_report([SettingRun("baseline", 64, 1.0, [pred, dict(pred, score=0.0)])], EvalSettings(), tmp_path)
     assert report["rows"][0]["accuracy"] == 50.0 and report["rows"][0]["records_per_s_model"] == 2.0
     assert "matched" not in report["tradeoff"]
+
+
+def test_baseline_can_run_on_another_checkpoint(tiny_model_dir, synth_parquet, tmp_path):
+    rows = load_labelled(synth_parquet, limit=2)
+    qz_cfg = engine_config(tiny_model_dir, generation={"max_new_tokens": 2})
+    base_cfg = engine_config("embedded:tiny-base", model={"require_heads": False}, generation={"max_new_tokens": 2})
+    settings = EvalSettings(baseline_budgets=[16], qzoom_budgets=[16], batch_size=2, warmup=0)
+    runs = run_evaluation(rows, qz_cfg, settings, baseline_config=base_cfg)
+    assert [(r.method, r.budget) for r in runs] == [("baseline", 16), ("qzoom", 16)]
+    # The baseline rows are the other checkpoint's answers: the same as evaluating it alone.
+    alone = run_evaluation(rows, base_cfg, EvalSettings(baseline_budgets=[16], qzoom_budgets=[], batch_size=2, warmup=0))
+    assert [p["prediction"] for p in runs[0].predictions] == [p["prediction"] for p in alone[0].predictions]
+    same = run_evaluation(rows, qz_cfg, EvalSettings(baseline_budgets=[16], qzoom_budgets=[], batch_size=2, warmup=0))
+    assert [p["prediction"] for p in runs[0].predictions] != [p["prediction"] for p in same[0].predictions]
+
+    out = tmp_path / "run"
+    rc = load_job("evaluate").main(
+        ["--data", str(synth_parquet), "--model", tiny_model_dir, "--baseline-model", "embedded:tiny-base",
+         "--limit", "2", "--baseline-budgets", "16", "--qzoom-budgets", "16", "--max-new-tokens", "2", "--out", str(out)]
+    )
+    assert rc == 0 and "baseline: embedded:tiny-base" in (out / "summary.md").read_text()
+
+
+def test_oracle_rows_zoom_on_the_evidence_box(tiny_model_dir, synth_parquet, tmp_path):
+    rows = load_labelled(synth_parquet)
+    rows[-1].evidence_box = None  # a row without a box gets an error row, not a silent skip
+    cfg = engine_config(tiny_model_dir, generation={"max_new_tokens": 2})
+    settings = EvalSettings(baseline_budgets=[16], qzoom_budgets=[16], oracle_budgets=[16], batch_size=2, warmup=0)
+    runs = run_evaluation(rows, cfg, settings)
+    assert [(r.method, r.budget) for r in runs] == [("baseline", 16), ("qzoom", 16), ("qzoom_oracle", 16)]
+    oracle = runs[-1].predictions
+    assert [p["id"] for p in oracle] == [r.id for r in rows]
+    for p in oracle[:-1]:
+        assert p["error"] is None and p["zoomed"] and p["route"] == "zoom"
+        assert p["roi_iou"] > 0.8  # the crop is the evidence box (grown only where below min_roi_px)
+    assert oracle[-1]["error"] == "no evidence box" and oracle[-1]["score"] == 0.0
+    report = write_report(runs, settings, tmp_path / "out")
+    assert "qzoom_oracle" in report["markdown"] and "speedup" in report["markdown"]
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 0

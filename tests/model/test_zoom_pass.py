@@ -87,3 +87,34 @@ def test_standard_positions_equal_get_rope_index_on_spliced_sequence(tiny_engine
         # Aligned mode differs only in the RoI tokens' h/w rows.
         np.testing.assert_array_equal(np.delete(aligned, np.r_[roi_cols], axis=1), np.delete(ours, np.r_[roi_cols], axis=1))
         np.testing.assert_array_equal(aligned[0, roi_cols], ours[0, roi_cols])
+
+
+def test_zoom_at_the_twigs_own_box_reproduces_the_qzoom_answer(tiny_model_dir):
+    """A region given as a normalised box takes the same second pass as the twig's box it came from."""
+    engine = QZoomEngine(engine_config(tiny_model_dir))
+    items = zoom_requests(engine)
+    twig = engine.zoom(items, reuse_prefix=True, return_logits=True)
+    records = [req.prepared.record for req, _ in items]
+    # The twig's grid box as image fractions (its pixel box may have been grown past the cells).
+    boxes = []
+    for req, _ in items:
+        gh, gw = req.prepared.merged_grid
+        x0, y0, x1, y1 = req.box_grid
+        boxes.append((x0 / gw, y0 / gh, x1 / gw, y1 / gh))
+    given = engine.zoom_at(records, boxes)
+    for (req, _), box, a, b in zip(items, boxes, twig, given, strict=True):
+        assert engine.request_for_box(req.prepared, box).box_grid == req.box_grid
+        assert b.roi_box_px == a.roi_box_px and b.zoomed and b.route == "zoom"
+        assert b.token_ids == a.token_ids and b.answer == a.answer
+
+
+def test_zoom_at_reports_bad_boxes_and_records_in_place(tiny_model_dir):
+    engine = QZoomEngine(engine_config(tiny_model_dir, generation={"max_new_tokens": 2}))
+    good = EngineRecord("good", make_image_bytes(320, 240, 1), "Where?")
+    bad_box = EngineRecord("bad-box", make_image_bytes(320, 240, 2), "Where?")
+    bad_image = EngineRecord("bad-image", b"not an image", "Where?")
+    out = engine.zoom_at([good, bad_box, bad_image], [(0.1, 0.2, 0.5, 0.6), (0.5, 0.2, 0.4, 0.6), (0.0, 0.0, 1.0, 1.0)])
+    assert [r.id for r in out] == ["good", "bad-box", "bad-image"]
+    assert out[0].error is None and out[0].zoomed and out[0].roi_box_px == (32, 48, 160, 144)
+    assert out[1].error and "normalised" in out[1].error
+    assert out[2].error and not out[2].zoomed

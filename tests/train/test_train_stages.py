@@ -141,6 +141,60 @@ def test_stage2_mine_and_sft(ray_local, stage_dirs):
     load_model(ModelConfig(path=str(root / "s2")))
 
 
+def test_pseudo_roi_rows_pad_and_skip():
+    from qzoom_ray.train.sft import pseudo_roi_rows
+
+    base = {"image": b"x", "question": "Q?", "answer": "ab", "grid_h": 10, "grid_w": 20, "valid": True}
+    rows = [
+        {**base, "id": "a", "fg_box": [4, 3, 6, 5]},
+        {**base, "id": "edge", "fg_box": [0, 0, 20, 2]},
+        {**base, "id": "invalid", "fg_box": [1, 1, 2, 2], "valid": False},
+        {**base, "id": "no-box", "fg_box": None},
+        {**base, "id": "no-answer", "fg_box": [1, 1, 2, 2], "answer": "  "},
+    ]
+    out = pseudo_roi_rows(rows, pad_cells=2)
+    assert [r["id"] for r in out] == ["a", "edge"]
+    assert out[0]["roi_box_norm"] == pytest.approx([2 / 20, 1 / 10, 8 / 20, 7 / 10])
+    assert out[1]["roi_box_norm"] == pytest.approx([0.0, 0.0, 1.0, 4 / 10])  # clipped to the image
+    assert out[0]["target"] == "ab" and out[0]["kind"] == "pseudo_roi"
+
+
+def test_stage2_from_pseudo_labels_uses_their_boxes(ray_local, stage_dirs, monkeypatch):
+    from qzoom_ray.model.engine import QZoomEngine
+    from qzoom_ray.train.sft import engine_config, pseudo_roi_rows, spliced_example
+
+    root = stage_dirs
+    s1 = str(root / "s1")
+    if not os.path.exists(s1):
+        pytest.skip("stage 1 did not run")
+    labels = [{"id": f"p{i}", "image": _png(30 + i), "question": "What is the code?", "answer": "ab12",
+               "grid_h": 4, "grid_w": 4, "valid": True, "fg_box": [0, 0, 2, 2]} for i in range(3)]
+    (root / "plabels").mkdir()
+    pq.write_table(pa.Table.from_pylist(labels), root / "plabels" / "part-0.parquet")
+
+    # The given box replaces the twig: no coarse pass runs, and the crop is that box.
+    loaded = load_model(ModelConfig(path=s1, device="cpu"))
+    engine = QZoomEngine(engine_config(ModelConfig(path=s1), "qzoom", 16), loaded=loaded)
+    monkeypatch.setattr(engine, "coarse", lambda *a, **k: pytest.fail("the twig ran"))
+    row = pseudo_roi_rows(labels, pad_cells=0)[0]
+    ex = spliced_example(engine, row, 16)
+    assert ex is not None and ex["labels"][-1] != -100
+    monkeypatch.undo()
+
+    sj = SftJob.model_validate({
+        "questions": "unused", "mined": str(root / "mined-pl"), "source": "pseudo_labels",
+        "pseudo_labels": str(root / "plabels"), "roi_pad_cells": 1,
+        "mine": {"model": {"path": s1}},
+        "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2-pl"), "steps": 8,
+                  "batch_size": 3, "lr": 2e-3, "budget_tokens": 16, "storage_path": str(root / "ray"), **TRAIN},
+    })
+    entry = train_on_mined(sj)
+    assert entry["data"]["training_rows"] == 3 and entry["data"]["source"] == "pseudo_labels", entry
+    assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
+    changed = _changed(_state(s1), _state(str(root / "s2-pl")))
+    assert changed and all(k.startswith(("model.model.language_model.layers.", "model.lm_head.")) for k in changed)
+
+
 def test_stage3_gate_labels_and_gate(ray_local, stage_dirs):
     from qzoom_ray.train.gate import GateConfig, gate_heads, train_gate
 
