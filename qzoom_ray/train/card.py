@@ -21,6 +21,15 @@ STAGE_TITLES = {
 }
 
 
+def stage_title(entry: dict[str, Any]) -> str:
+    """The card's heading for one history entry (stage 2 says which rows it learned from)."""
+    if entry["stage"] == "sft" and (entry.get("data") or {}).get("source") == "pseudo_labels":
+        return "Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI, aligned RoI positions)"
+    if entry["stage"] == "rpn" and not (entry.get("config") or {}).get("twig_init", True):
+        return "Stage 1b: twig refit from its own weights (selective BCE on pseudo-label maps)"
+    return STAGE_TITLES.get(entry["stage"], entry["stage"])
+
+
 def read_history(ckpt: Path) -> list[dict[str, Any]]:
     path = ckpt / HISTORY_FILE
     return json.loads(path.read_text()) if path.exists() else []
@@ -35,7 +44,7 @@ def append_history(out: Path, init_from: Path, entry: dict[str, Any], losses: li
     idx = len(history)
     if losses:
         fig = out / f"loss-{idx}-{entry['stage']}.png"
-        if _plot_losses(losses, fig, STAGE_TITLES.get(entry["stage"], entry["stage"])):
+        if _plot_losses(losses, fig, stage_title(entry)):
             entry["figure"] = fig.name
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
 
@@ -84,7 +93,7 @@ def write_model_card(out: Path) -> Path:
     if not history:
         lines.append("No training history (heads as initialised).")
     for i, e in enumerate(history, 1):
-        lines += [f"### {i}. {STAGE_TITLES.get(e['stage'], e['stage'])}", ""]
+        lines += [f"### {i}. {stage_title(e)}", ""]
         data = e.get("data") or {}
         lines.append(f"- started from: `{e.get('init_from')}`")
         lines.append("- data: " + ", ".join(f"{k}={_fmt(v)}" for k, v in data.items()))
