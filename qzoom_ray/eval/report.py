@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,7 @@ def pareto_plot(rows: Sequence[dict[str, Any]], t: dict[str, Any], path: Path, t
         ax.text(0.98, 0.03, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(f"records/s ({basis})")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Accuracy vs throughput")
+    ax.set_title(textwrap.fill(title, 80) if title else "Accuracy vs throughput", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -358,7 +358,7 @@ def test_user_config_changes_live_without_restart(url, config):
         assert resp.status_code == 200, resp.text
         return resp.json()["qzoom"]["route"]
 
-    assert route() == "zoom"  # the YAML's gate_thresh 0.1 is below the tiny model's ~0.52 score
+    assert route() == "zoom"  # yaml_config's gate_thresh 0.1 is below the random model's ~0.52 score
     before = _model_replicas()
     try:
         deploy_config(with_user_config(config, "CoarseServer", gate_thresh=2.0))
