@@ -25,7 +25,7 @@ import torch
 
 from qzoom_ray import geometry
 from qzoom_ray.config import EngineConfig
-from qzoom_ray.model import preprocess
+from qzoom_ray.model import given_region, preprocess
 from qzoom_ray.model.backbone import BackboneAdapter
 from qzoom_ray.model.decode import greedy_decode, seen_token_mask
 from qzoom_ray.model.kv import layer_kv, select_cache_rows
@@ -98,42 +98,12 @@ class QZoomEngine:
         return preprocess.prepare_roi(self, request, image)
 
     def request_for_box(self, prep: PreparedRecord, box_norm: Sequence[float]) -> ZoomRequest:
-        """A zoom request for a region given as a normalised (x0, y0, x1, y1) box, with no gate or twig pass:
-        the RoI positions use the box's cells on the global grid, the crop its pixels (grown to min_roi_px)."""
-        x0, y0, x1, y1 = (float(v) for v in box_norm)
-        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-            raise ValueError(f"box must be normalised (0 <= x0 < x1 <= 1, same for y), got {tuple(box_norm)}")
-        gh, gw = prep.merged_grid
-        gx0, gy0 = min(int(np.floor(x0 * gw)), gw - 1), min(int(np.floor(y0 * gh)), gh - 1)
-        box_grid = (gx0, gy0, max(int(np.ceil(x1 * gw)), gx0 + 1), max(int(np.ceil(y1 * gh)), gy0 + 1))
-        w, h = prep.image_wh
-        box_px = geometry.grow_box_to_min_size((x0 * w, y0 * h, x1 * w, y1 * h), prep.image_wh, self.config.zoom.min_roi_px)
-        return ZoomRequest(prepared=prep, gate_score=None, box_grid=box_grid, box_px=box_px, roi_map=None, prefix=None)
+        """A zoom request for a region given as a normalised (x0, y0, x1, y1) box (no gate, no twig)."""
+        return given_region.request_for_box(self, prep, box_norm)
 
     def zoom_at(self, records: Sequence[EngineRecord], boxes_norm: Sequence[Sequence[float]]) -> list[EngineResult]:
-        """Answer each record from its global view plus a crop of the given region (normalised box), skipping
-        the gate and the twig. With ground-truth evidence boxes this is the RPN's upper bound: what the second
-        pass reads when the box is right. A bad record or box gets ``error`` set; order is kept."""
-        if len(records) != len(boxes_norm):
-            raise ValueError(f"{len(records)} records but {len(boxes_norm)} boxes")
-        results: list[EngineResult | None] = [None] * len(records)
-        items: list[tuple[int, ZoomRequest, PreparedRoi]] = []
-        for i, (rec, box) in enumerate(zip(records, boxes_norm, strict=True)):
-            prep = self.prepare(rec)
-            if isinstance(prep, EngineResult):
-                results[i] = prep
-                continue
-            try:
-                req = self.request_for_box(prep, box)
-                items.append((i, req, self.prepare_roi(req)))
-            except Exception as exc:  # noqa: BLE001 - one bad box must not sink the batch
-                results[i] = EngineResult(id=rec.id, error=f"{type(exc).__name__}: {exc}")
-        step = self.config.max_batch_size
-        for start in range(0, len(items), step):
-            chunk = items[start : start + step]
-            for (i, _, _), res in zip(chunk, self.zoom([(req, roi) for _, req, roi in chunk], reuse_prefix=False), strict=True):
-                results[i] = res
-        return results  # type: ignore[return-value]
+        """Answer each record from its global view plus a crop of the given region (see ``given_region``)."""
+        return given_region.zoom_at(self, records, boxes_norm)
 
     # ------------------------------------------------------------------ helpers
     def _to_batch(self, preps: Sequence[PreparedRecord]) -> _Batch:

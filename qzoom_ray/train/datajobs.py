@@ -103,7 +103,9 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
     if job.source == "pseudo_labels":
         if not job.pseudo_labels:
             raise ValueError("source: pseudo_labels needs `pseudo_labels` (the stage-1 label Parquet)")
-        labels = pq.read_table(job.pseudo_labels).to_pylist()
+        # Not the maps themselves: only what a training row needs.
+        cols = ["id", "image", "question", "answer", "grid_h", "grid_w", "valid", "fg_box"]
+        labels = pq.read_table(job.pseudo_labels, columns=cols).to_pylist()
         picked = pseudo_roi_rows(labels, job.roi_pad_cells)
         summary = {"source": "pseudo_labels", "label_rows": len(labels), "training_rows": len(picked)}
     else:
@@ -113,7 +115,7 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
         summary = {"mined": len(rows), "regressions": kinds.count("regression"),
                    "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
     if not picked:
-        raise ValueError(f"no training rows were mined: {summary}")
+        raise ValueError(f"no stage-2 training rows: {summary}")
     path = Path(job.mined) / "training" / "sft-train.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(picked), path)
