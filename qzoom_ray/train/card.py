@@ -23,8 +23,11 @@ STAGE_TITLES = {
 
 def stage_title(entry: dict[str, Any]) -> str:
     """The card's heading for one history entry (stage 2 says which rows it learned from)."""
-    if entry["stage"] == "sft" and (entry.get("data") or {}).get("source") == "pseudo_labels":
-        return "Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI, aligned RoI positions)"
+    data = entry.get("data") or {}
+    if entry["stage"] == "sft" and data.get("source") == "pseudo_labels":
+        direct = " and direct rows of the base's own answers" if data.get("direct_rows") else ""
+        return (f"Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI{direct}, "
+                "aligned RoI positions)")
     if entry["stage"] == "rpn" and not (entry.get("config") or {}).get("twig_init", True):
         return "Stage 1b: twig refit from its own weights (selective BCE on pseudo-label maps)"
     return STAGE_TITLES.get(entry["stage"], entry["stage"])

@@ -8,9 +8,11 @@ lets tests and notebooks run a stage without going through a command line.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from qzoom_ray.config import StrictModel
@@ -81,6 +83,12 @@ class SftJob(StrictModel):
     )
     pseudo_labels: str | None = Field(None, description="Stage-1 label Parquet (source: pseudo_labels).")
     roi_pad_cells: int = Field(2, ge=0, description="Margin added around each pseudo-RoI box, in label-grid cells.")
+    direct_replay: float = Field(
+        0.0, ge=0,
+        description="source: pseudo_labels only. Direct rows (global view, no crop) per zoomed row, each taught the "
+        "starting checkpoint's own answer at the training budget (computed first, with mine.model). Stage 2 trains "
+        "every decoder layer, and with zoomed rows alone the ungated path drifts; the authors' stage 2 has none.",
+    )
     mine: MineConfig
     train: SftConfig
 
@@ -92,6 +100,29 @@ def mine_regressions(job: SftJob) -> dict[str, Any]:
                     concurrency=job.concurrency, batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor,
                     limit=job.limit)
     return {"mined_rows": n}
+
+
+def direct_replay_rows(job: SftJob, label_rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` seeded questions of the label set, answered plainly by ``job.mine.model`` at its budget (Ray Data)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qzoom_ray.train.rayio import map_parquet
+
+    n = min(n, len(label_rows))
+    if n <= 0:
+        return []
+    pick = np.random.default_rng(job.train.seed).choice(len(label_rows), size=n, replace=False)
+    src, out = Path(job.mined) / "direct-questions", Path(job.mined) / "direct"
+    for d in (src, out):  # a rerun must not append to the last run's part files
+        shutil.rmtree(d, ignore_errors=True)
+    src.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{k: label_rows[int(i)][k] for k in ("id", "image", "question")}
+                                         for i in sorted(pick)]), src / "part-0.parquet")
+    map_parquet(str(src), str(out), "qzoom_ray.train.sft:direct_answerer_factory", job.mine.model_dump(mode="json"),
+                concurrency=job.concurrency, batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor)
+    # A record the model could not answer (bad image) teaches nothing.
+    return [r for r in pq.read_table(out).to_pylist() if str(r["target"]).strip()]
 
 
 def train_on_mined(job: SftJob) -> dict[str, Any]:
@@ -107,7 +138,12 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
         cols = ["id", "image", "question", "answer", "grid_h", "grid_w", "valid", "fg_box"]
         labels = pq.read_table(job.pseudo_labels, columns=cols).to_pylist()
         picked = pseudo_roi_rows(labels, job.roi_pad_cells)
-        summary = {"source": "pseudo_labels", "label_rows": len(labels), "training_rows": len(picked)}
+        direct = direct_replay_rows(job, labels, round(job.direct_replay * len(picked))) if picked else []
+        summary = {"source": "pseudo_labels", "label_rows": len(labels), "zoomed_rows": len(picked),
+                   "direct_rows": len(direct), "training_rows": len(picked) + len(direct)}
+        picked = picked + direct
+        # The shard reader shuffles only locally: interleave the two kinds here.
+        picked = [picked[int(i)] for i in np.random.default_rng(job.train.seed).permutation(len(picked))]
     else:
         rows = pq.read_table(job.mined).to_pylist()
         picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)

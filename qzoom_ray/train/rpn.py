@@ -40,7 +40,11 @@ class RpnConfig(StageConfig):
     enable_high_res: bool = Field(True, description="Also build the gate branch (trained in stage 3).")
     reuse_src_pos: bool = Field(True, description="Written to config.json: stage 2 trains with aligned positions.")
     twig_init: bool = Field(True, description="Copy base layers K..K+T-1 into the twig before training.")
-    budget_tokens: int | None = Field(None, description="Image budget while training; None: each row's label budget.")
+    budget_tokens: int | list[int] | None = Field(
+        None,
+        description="Image budget while training; a list: one drawn per batch (seeded; repeat a value to weight it), "
+        "for a twig that serves every budget of the ladder; None: each row's label budget.",
+    )
     fg_weight: float | Literal["balanced"] = Field(
         1.0,
         description="Weight of foreground cells in the BCE. 1.0: the paper's plain mean. 'balanced': n_bg / n_fg of "
@@ -138,12 +142,16 @@ def twig_logit_maps(loaded: Any, heads: QZoomHeads, enc: list[Encoded]) -> list[
     return [scores[b, image_columns(batch, enc, b)].reshape(e.merged_grid) for b, e in enumerate(enc)]
 
 
-def rpn_loss_fn(loaded: Any, heads: QZoomHeads, budget_tokens: int | None, fg_weight: float | str = 1.0):
+def rpn_loss_fn(loaded: Any, heads: QZoomHeads, budget_tokens: int | list[int] | None, fg_weight: float | str = 1.0,
+                seed: int = 0):
     proc = loaded.processor
+    # One budget per batch, not per row: a batch padded to its longest view would waste the short ones' compute.
+    rng = np.random.default_rng(seed)
 
     def loss(rows: list[dict[str, Any]]) -> torch.Tensor:
+        budget = int(rng.choice(budget_tokens)) if isinstance(budget_tokens, list) else budget_tokens
         enc = [encode(proc, _image(r["image"], bool(r.get("pad_to_square"))), r["question"],
-                      budget_tokens or int(r["budget_tokens"]), token_px=loaded.adapter.token_px) for r in rows]
+                      budget or int(r["budget_tokens"]), token_px=loaded.adapter.token_px) for r in rows]
         maps = twig_logit_maps(loaded, heads, enc)
         labels = [torch.from_numpy(label_map(r)).to(maps[0].device) for r in rows]
         return selective_bce(maps, labels, fg_weight)
@@ -158,7 +166,7 @@ def rpn_worker(config: dict[str, Any]) -> None:
     heads = prepare_heads(loaded, cfg.twig_K, cfg.twig_T, cfg.enable_high_res, cfg.reuse_src_pos, cfg.twig_init)
     set_trainable(twig_trainable(heads), [loaded.adapter.model, heads])
     heads.train()
-    module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens, cfg.fg_weight))
+    module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens, cfg.fg_weight, cfg.seed + rank))
     # Only rows with a usable map teach anything; invalid ones would be all-ignore batches.
     batches = (
         [r for r in rows if r.get("valid", True)] or rows

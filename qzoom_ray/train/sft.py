@@ -175,6 +175,29 @@ class RegressionMiner:
         return out
 
 
+class DirectAnswerer:
+    """The miner's model A alone: the starting checkpoint's plain answer at the training budget. Kept as the
+    target of a direct row (no crop), it anchors the global-view path, which stage 2 would otherwise drift."""
+
+    def __init__(self, cfg: MineConfig):
+        from qzoom_ray.model.engine import QZoomEngine
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.engine = QZoomEngine(engine_config(cfg.model, "baseline", cfg.budget_tokens, cfg.roi_thresh,
+                                                cfg.batch_size, cfg.max_new_tokens))
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        recs = [EngineRecord(str(i), _image_bytes(r["image"]), str(r["question"])) for i, r in enumerate(rows)]
+        return [{"id": str(r.get("id", "")), "image": _image_bytes(r["image"]), "question": str(r["question"]),
+                 "target": (res.answer or "") if res.error is None else "", "kind": "direct"}
+                for r, res in zip(rows, self.engine.generate(recs), strict=True)]
+
+
+def direct_answerer_factory(cfg: dict[str, Any]) -> DirectAnswerer:
+    return DirectAnswerer(MineConfig.model_validate(cfg))
+
+
 def _image_bytes(value: Any) -> bytes:
     return bytes(value["bytes"] if isinstance(value, dict) else value)
 
@@ -219,27 +242,37 @@ def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dic
                                        min_pixels=px, max_pixels=px, gate_thresh=0.0))
     if not hasattr(prep, "input_ids"):
         return None
+    from qzoom_ray.model.splice import coarse_positions
+
+    if row.get("kind") == "direct":  # the global view alone, as an ungated record is answered
+        ids, pos = np.asarray(prep.input_ids, dtype=np.int64), coarse_positions(engine, prep)
+        return _with_answer(engine, ids, pos, str(row["target"]), [(prep.pixel_values, prep.grid_thw)])
     if row.get("roi_box_norm") is not None:  # a given region (the stage-1 pseudo-RoI): no twig pass needed
         out = engine.request_for_box(prep, row["roi_box_norm"])
     else:
         out = engine.coarse([prep], keep_prefix=False)[0]
     if not isinstance(out, ZoomRequest):  # empty map or unencodable crop: no zoomed view to learn from
         return None
-    from qzoom_ray.model.splice import coarse_positions
-
     roi = engine.prepare_roi(out)
     layout = geometry.splice_layout(len(prep.input_ids), prep.image_start, prep.num_image_tokens, roi.num_tokens)
     ids = geometry.splice_token_ids(prep.input_ids, layout, engine.vision_start_id, engine.vision_end_id,
                                     engine.image_token_id)
     pos = geometry.roi_position_ids(coarse_positions(engine, prep), layout, prep.image_start, prep.merged_grid,
                                     roi.merged_grid, out.box_grid, aligned=True)
+    return _with_answer(engine, ids, pos, str(row["target"]),
+                        [(prep.pixel_values, prep.grid_thw), (roi.pixel_values, roi.grid_thw)])
+
+
+def _with_answer(engine: Any, ids: np.ndarray, pos: np.ndarray, target: str,
+                 views: list[tuple[np.ndarray, Any]]) -> dict[str, Any]:
+    """Prompt ids/positions + the teacher-forced answer, labels on the answer only, and the views' ViT features."""
     tok = engine.processor.tokenizer
-    ans = np.asarray(tok(str(row["target"]) + "<|im_end|>", add_special_tokens=False)["input_ids"], dtype=np.int64)
+    ans = np.asarray(tok(target + "<|im_end|>", add_special_tokens=False)["input_ids"], dtype=np.int64)
     start = geometry.decode_start_position(pos)
     ans_pos = np.repeat((start + np.arange(len(ans)))[None], 3, axis=0)
-    with torch.no_grad():  # the ViT is frozen; both views in one call
-        pixels = torch.from_numpy(np.concatenate([prep.pixel_values, roi.pixel_values])).to(engine.device)
-        feats = engine.adapter.encode_images(pixels, torch.tensor([prep.grid_thw, roi.grid_thw], device=engine.device))
+    with torch.no_grad():  # the ViT is frozen; every view in one call
+        pixels = torch.from_numpy(np.concatenate([v[0] for v in views])).to(engine.device)
+        feats = engine.adapter.encode_images(pixels, torch.tensor([v[1] for v in views], device=engine.device))
     return {
         "ids": np.concatenate([ids, ans]),
         "labels": np.concatenate([np.full(len(ids), IGNORE_INDEX, dtype=np.int64), ans]),

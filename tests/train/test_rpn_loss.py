@@ -77,3 +77,32 @@ def test_config_accepts_balanced_or_a_number_only():
     assert RpnConfig.model_validate({**base, "fg_weight": 20}).fg_weight == 20.0
     with pytest.raises(ValueError):
         RpnConfig.model_validate({**base, "fg_weight": "auto"})
+
+
+def test_a_budget_list_draws_one_budget_per_batch(monkeypatch):
+    from types import SimpleNamespace
+
+    import qzoom_ray.train.rpn as rpn
+
+    calls: list[list[int]] = []
+    monkeypatch.setattr(rpn, "_image", lambda image, pad: image)
+    monkeypatch.setattr(rpn, "encode", lambda proc, image, question, budget, token_px: budget)
+    monkeypatch.setattr(rpn, "twig_logit_maps", lambda loaded, heads, enc: calls.append(list(enc)) or [torch.zeros(2, 2)] * len(enc))
+    monkeypatch.setattr(rpn, "label_map", lambda row: torch.zeros(2, 2, dtype=torch.long).numpy())
+    loaded = SimpleNamespace(processor=None, adapter=SimpleNamespace(token_px=28))
+    rows = [{"image": b"", "question": "q", "budget_tokens": 1024}] * 3
+
+    def drawn(budgets, seed):
+        calls.clear()
+        loss = rpn.rpn_loss_fn(loaded, None, budgets, seed=seed)
+        for _ in range(30):
+            loss(rows)
+        return [c[0] for c in calls], calls
+
+    got, batches = drawn([64, 128, 576], seed=5)
+    assert all(len(set(b)) == 1 for b in batches)  # every row of a batch at the same budget
+    assert set(got) == {64, 128, 576}
+    assert got == drawn([64, 128, 576], seed=5)[0]  # seeded
+    assert drawn(128, seed=5)[0] == [128] * 30
+    assert drawn(None, seed=5)[0] == [1024] * 30  # each row's label budget
+    assert RpnConfig(init_from="x", data_path="y", out_dir="z", budget_tokens=[64, 128]).budget_tokens == [64, 128]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from qzoom_ray.config import ModelConfig
 from qzoom_ray.model.loader import load_model
+from qzoom_ray.model.state import EngineRecord
 from qzoom_ray.train.datajobs import (
     LadderJob,
     PseudoLabelJob,
@@ -179,17 +180,30 @@ def test_stage2_from_pseudo_labels_uses_their_boxes(ray_local, stage_dirs, monke
     row = pseudo_roi_rows(labels, pad_cells=0)[0]
     ex = spliced_example(engine, row, 16)
     assert ex is not None and ex["labels"][-1] != -100
+    # A direct row: the global view alone (one image block), the answer teacher-forced after the prompt.
+    direct = spliced_example(engine, {**row, "kind": "direct", "roi_box_norm": None}, 16)
+    n_img = int((direct["ids"] == engine.image_token_id).sum())
+    assert n_img == direct["features"].shape[0] < int((ex["ids"] == engine.image_token_id).sum())
+    answer = direct["labels"] != -100
+    assert answer.sum() >= 2 and not answer[: len(direct["ids"]) - answer.sum()].any()
     monkeypatch.undo()
 
     sj = SftJob.model_validate({
         "questions": "unused", "mined": str(root / "mined-pl"), "source": "pseudo_labels",
-        "pseudo_labels": str(root / "plabels"), "roi_pad_cells": 1,
-        "mine": {"model": {"path": s1}},
+        "pseudo_labels": str(root / "plabels"), "roi_pad_cells": 1, "direct_replay": 0.67,
+        "mine": {"model": {"path": s1}, "budget_tokens": 16, "max_new_tokens": 3},
         "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2-pl"), "steps": 8,
                   "batch_size": 3, "lr": 2e-3, "budget_tokens": 16, "storage_path": str(root / "ray"), **TRAIN},
     })
     entry = train_on_mined(sj)
-    assert entry["data"]["training_rows"] == 3 and entry["data"]["source"] == "pseudo_labels", entry
+    assert entry["data"]["source"] == "pseudo_labels", entry
+    assert (entry["data"]["zoomed_rows"], entry["data"]["direct_rows"], entry["data"]["training_rows"]) == (3, 2, 5)
+    # Direct targets are the starting checkpoint's own plain answers at the training budget.
+    trained = pq.read_table(root / "mined-pl" / "training" / "sft-train.parquet").to_pylist()
+    plain = QZoomEngine(engine_config(ModelConfig(path=s1), "baseline", 16, max_new_tokens=3), loaded=loaded)
+    for r in (r for r in trained if r["kind"] == "direct"):
+        assert r["roi_box_norm"] is None
+        assert r["target"] == plain.generate([EngineRecord("x", r["image"], r["question"])])[0].answer
     assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
     changed = _changed(_state(s1), _state(str(root / "s2-pl")))
     assert changed and all(k.startswith(("model.model.language_model.layers.", "model.lm_head.")) for k in changed)
