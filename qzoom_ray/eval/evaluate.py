@@ -172,11 +172,11 @@ def run_evaluation(
     ladders = {BASELINE: settings.baseline_budgets, QZOOM: settings.qzoom_budgets}
     if baseline_config is not None:
         engines[BASELINE] = QZoomEngine(_engine_config(baseline_config, BASELINE, settings.batch_size, False))
-        if settings.qzoom_budgets:
+        if settings.qzoom_budgets or settings.oracle_budgets:
             engines[QZOOM] = QZoomEngine(qzoom_cfg, loaded=loaded)
     else:
         engines[BASELINE] = QZoomEngine(_engine_config(config, BASELINE, settings.batch_size, False), loaded=loaded)
-        if settings.qzoom_budgets:
+        if settings.qzoom_budgets or settings.oracle_budgets:  # the oracle rows zoom through the Q-Zoom engine
             engines[QZOOM] = QZoomEngine(qzoom_cfg, loaded=engines[BASELINE].loaded)
     if QZOOM in engines and engines[QZOOM].loaded.heads is None:
         logger.warning("the checkpoint has no Q-Zoom heads: only the baseline is evaluated")

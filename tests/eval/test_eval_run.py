@@ -140,3 +140,12 @@ def test_oracle_rows_zoom_on_the_evidence_box(tiny_model_dir, synth_parquet, tmp
     report = write_report(runs, settings, tmp_path / "out")
     assert "qzoom_oracle" in report["markdown"] and "speedup" in report["markdown"]
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
+
+
+def test_oracle_rows_run_without_a_qzoom_ladder(tiny_model_dir, synth_parquet):
+    rows = load_labelled(synth_parquet)[:2]
+    cfg = engine_config(tiny_model_dir, generation={"max_new_tokens": 2})
+    settings = EvalSettings(baseline_budgets=[16], qzoom_budgets=[], oracle_budgets=[16], batch_size=2, warmup=0)
+    runs = run_evaluation(rows, cfg, settings)
+    assert [(r.method, r.budget) for r in runs] == [("baseline", 16), ("qzoom_oracle", 16)]
+    assert all(p["zoomed"] for p in runs[-1].predictions)
