@@ -53,7 +53,9 @@ def choose_thresholds(
     """The chosen pair and the whole (tau_gate, tau_roi) -> (accuracy, zoom rate) frontier.
 
     accuracy: fewest zooms with accuracy >= reference - max_drop (reference: ``reference_accuracy``,
-    else the best pair); ties -> higher accuracy, then the higher (more selective) tau_roi.
+    else the best pair); ties -> higher accuracy, then the higher (more selective) tau_roi. A reference no
+    pair reaches is replaced by the best pair's accuracy (``target_met`` false): the most accurate pair
+    itself often buys its last half point with many more zooms.
     zoom_rate: best accuracy with zoom rate <= max_zoom_rate; ties -> fewer zooms.
     """
     grid = [(g, r, *score_pair(table, g, r)) for r in sorted(table.zoomed) for g in gate_candidates(table.gate)]
@@ -62,8 +64,9 @@ def choose_thresholds(
     if target == "accuracy":
         ok = [c for c in grid if c[2] >= reference - max_drop - 1e-12]
         met = bool(ok)
-        # Unreachable target: fall back to the most accurate pair and say so.
-        pick = min(ok, key=lambda c: (c[3], -c[2], -c[1])) if ok else max(grid, key=lambda c: (c[2], -c[3]))
+        if not ok:  # unreachable: within max_drop of what is reachable, and say so
+            ok = [c for c in grid if c[2] >= best_acc - max_drop - 1e-12]
+        pick = min(ok, key=lambda c: (c[3], -c[2], -c[1]))
     else:
         ok = [c for c in grid if c[3] <= max_zoom_rate + 1e-12]
         met = bool(ok)

@@ -90,7 +90,11 @@ def test_calibration_zoom_rate_budget_and_unreachable_target():
     t = _table()
     t.reference_accuracy = 1.0
     c = choose_thresholds(t, "accuracy", max_drop=0.0)
-    assert not c["target_met"] and c["accuracy"] == pytest.approx(0.9)
+    assert not c["target_met"] and c["accuracy"] == pytest.approx(0.9) and c["zoom_rate"] == pytest.approx(0.3)
+    # Unreachable: the fewest zooms within max_drop of the best pair (0.9), not the best pair itself.
+    t.reference_accuracy = 1.2
+    c = choose_thresholds(t, "accuracy", max_drop=0.15)
+    assert not c["target_met"] and c["accuracy"] == pytest.approx(0.8) and c["zoom_rate"] == pytest.approx(0.2)
     assert choose_thresholds(t, "zoom_rate", max_zoom_rate=0.0)["tau_gate"] == NEVER
 
 
