@@ -135,6 +135,14 @@ def engine_config(model: ModelConfig, mode: str, budget_tokens: int, roi_thresh:
     })
 
 
+def mine_engine(cfg: MineConfig, mode: str, loaded: Any = None) -> Any:
+    """An engine on ``cfg.model`` at exactly ``cfg.budget_tokens``: baseline mode = model A, qzoom = model B."""
+    from qzoom_ray.model.engine import QZoomEngine
+
+    return QZoomEngine(engine_config(cfg.model, mode, cfg.budget_tokens, cfg.roi_thresh, cfg.batch_size,
+                                     cfg.max_new_tokens), loaded=loaded)
+
+
 class RegressionMiner:
     """Rows in (id, image, question, answer/answers, metric, choices); every row out with A/B verdicts."""
 
@@ -146,9 +154,8 @@ class RegressionMiner:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
         loaded = loaded or load_model(cfg.model)
-        args = (cfg.budget_tokens, cfg.roi_thresh, cfg.batch_size, cfg.max_new_tokens)
-        self.base = QZoomEngine(engine_config(cfg.model, "baseline", *args), loaded=loaded)
-        self.roi = QZoomEngine(engine_config(cfg.model, "qzoom", *args), loaded=loaded)
+        self.base = mine_engine(cfg, "baseline", loaded)
+        self.roi = mine_engine(cfg, "qzoom", loaded)
         if judge is None and cfg.judge == "llm":
             if cfg.judge_model is None:
                 raise ValueError("judge='llm' needs judge_model")
@@ -180,12 +187,9 @@ class DirectAnswerer:
     target of a direct row (no crop), it anchors the global-view path, which stage 2 would otherwise drift."""
 
     def __init__(self, cfg: MineConfig):
-        from qzoom_ray.model.engine import QZoomEngine
-
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.engine = QZoomEngine(engine_config(cfg.model, "baseline", cfg.budget_tokens, cfg.roi_thresh,
-                                                cfg.batch_size, cfg.max_new_tokens))
+        self.engine = mine_engine(cfg, "baseline")
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         recs = [EngineRecord(str(i), _image_bytes(r["image"]), str(r["question"])) for i, r in enumerate(rows)]
