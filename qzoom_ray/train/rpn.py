@@ -40,6 +40,11 @@ class RpnConfig(StageConfig):
     enable_high_res: bool = Field(True, description="Also build the gate branch (trained in stage 3).")
     reuse_src_pos: bool = Field(True, description="Written to config.json: stage 2 trains with aligned positions.")
     twig_init: bool = Field(True, description="Copy base layers K..K+T-1 into the twig before training.")
+    new_heads: bool = Field(
+        False,
+        description="Discard the starting checkpoint's heads (twig and gate) and build new ones at twig_K / twig_T from "
+        "its own base layers: re-branching a fine-tuned checkpoint at another depth.",
+    )
     budget_tokens: int | list[int] | None = Field(
         None,
         description="Image budget while training; a list: one drawn per batch (seeded; repeat a value to weight it), "
@@ -63,17 +68,21 @@ def copy_base_layers(branch: torch.nn.ModuleList, base_layers: torch.nn.ModuleLi
 
 
 def prepare_heads(loaded: Any, k: int | None, t: int, enable_high_res: bool, reuse_src_pos: bool,
-                  twig_init: bool) -> QZoomHeads:
+                  twig_init: bool, new_heads: bool = False) -> QZoomHeads:
     """Heads for stage 1: the starting checkpoint's (a base model has none: new ones from backbone copies).
 
-    A gate branch that did not exist yet is initialised from base layers K..K+T-1 too.
+    A gate branch that did not exist yet is initialised from base layers K..K+T-1 too. ``new_heads`` ignores
+    the checkpoint's heads, so twig and gate are rebuilt at (k, t) from its base layers.
     """
     a = loaded.adapter
-    old = loaded.heads
+    old = None if new_heads else loaded.heads
     if old is None and k is None:
         raise ValueError("the starting checkpoint has no Q-Zoom heads: set twig_K")
     if old is not None and k not in (None, old.spec.twig_K):
-        raise ValueError(f"twig_K={k} differs from the checkpoint's {old.spec.twig_K}; start from the base model")
+        raise ValueError(
+            f"twig_K={k} differs from the checkpoint's {old.spec.twig_K}: set new_heads: true to rebuild the heads "
+            "at the new depth (the checkpoint's twig and gate are discarded)"
+        )
     k = old.spec.twig_K if old is not None else k
     t = old.spec.twig_T if old is not None else t
     gate = enable_high_res or (old is not None and old.spec.enable_high_res)
@@ -163,7 +172,9 @@ def rpn_worker(config: dict[str, Any]) -> None:
     cfg = RpnConfig.model_validate(config)
     rank, device = worker_setup(cfg)
     loaded = load_for_training(cfg, device)
-    heads = prepare_heads(loaded, cfg.twig_K, cfg.twig_T, cfg.enable_high_res, cfg.reuse_src_pos, cfg.twig_init)
+    heads = prepare_heads(
+        loaded, cfg.twig_K, cfg.twig_T, cfg.enable_high_res, cfg.reuse_src_pos, cfg.twig_init, cfg.new_heads
+    )
     set_trainable(twig_trainable(heads), [loaded.adapter.model, heads])
     heads.train()
     module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens, cfg.fg_weight, cfg.seed + rank))

@@ -118,3 +118,27 @@ def test_zoom_at_reports_bad_boxes_and_records_in_place(tiny_model_dir):
     assert out[0].error is None and out[0].zoomed and out[0].roi_box_px == (32, 48, 160, 144)
     assert out[1].error and "normalised" in out[1].error
     assert out[2].error and not out[2].zoomed
+
+
+def test_branch_point_zero_runs_both_routes_and_reuses_exactly(tmp_path):
+    """K = 0 (the branches read the embeddings; the tiny model's shipped depth): no base layer runs before the
+    branches, nothing sits in the prefix KV, and a batch mixing direct and zoomed records still decodes both."""
+    from qzoom_ray.model.tiny import build_tiny_qzoom
+
+    model_dir = build_tiny_qzoom(tmp_path / "k0", seed=0, num_layers=3, twig_K=0, twig_T=2)
+    engine = QZoomEngine(engine_config(str(model_dir)))
+    assert engine.K == 0
+    records = [
+        EngineRecord(f"r{i}", make_image_bytes(w, h, i), "What is the value of Total?", gate_thresh=g, roi_thresh=0.3)
+        for i, ((w, h), g) in enumerate(zip(SIZES, (0.0, 1.01, 0.0), strict=True))
+    ]
+    outs = engine.coarse([engine.prepare(r) for r in records], keep_prefix=True)
+    assert [isinstance(o, ZoomRequest) for o in outs] == [True, False, True]
+    assert outs[1].route == "direct" and outs[1].token_ids
+    items = [(req, engine.prepare_roi(req)) for req in outs if isinstance(req, ZoomRequest)]
+    assert all(req.prefix.kv == [] for req, _ in items)
+    reused = engine.zoom(items, reuse_prefix=True, return_logits=True)
+    fresh = engine.zoom(items, reuse_prefix=False, return_logits=True)
+    for a, b in zip(reused, fresh, strict=True):
+        torch.testing.assert_close(a.first_logits, b.first_logits, atol=1e-4, rtol=1e-4)
+        assert a.token_ids == b.token_ids and a.zoomed
