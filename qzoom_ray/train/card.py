@@ -28,7 +28,11 @@ def stage_title(entry: dict[str, Any]) -> str:
         direct = " and direct rows of the base's own answers" if data.get("direct_rows") else ""
         return (f"Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI{direct}, "
                 "aligned RoI positions)")
-    if entry["stage"] == "rpn" and not (entry.get("config") or {}).get("twig_init", True):
+    cfg = entry.get("config") or {}
+    if entry["stage"] == "rpn" and cfg.get("new_heads"):
+        return (f"Stage 1b: twig and gate rebuilt at K={cfg.get('twig_K')}, T={cfg.get('twig_T')} from this model's "
+                "base layers (selective BCE on pseudo-label maps)")
+    if entry["stage"] == "rpn" and not cfg.get("twig_init", True):
         return "Stage 1b: twig refit from its own weights (selective BCE on pseudo-label maps)"
     return STAGE_TITLES.get(entry["stage"], entry["stage"])
 
@@ -107,8 +111,8 @@ def write_model_card(out: Path) -> Path:
         for k, v in (e.get("result") or {}).items():
             lines.append(f"- {k}: {_fmt(v)}")
         c = e.get("config") or {}
-        keys = ("lr", "batch_size", "num_workers", "seed", "budget_tokens")
-        lines.append("- settings: " + ", ".join(f"{k}={_fmt(c[k])}" for k in keys if k in c))
+        keys = ("twig_K", "twig_T", "lr", "batch_size", "num_workers", "seed", "budget_tokens")
+        lines.append("- settings: " + ", ".join(f"{k}={_fmt(c[k])}" for k in keys if c.get(k) is not None))
         if e.get("figure"):
             lines += ["", f"![loss curve]({e['figure']})"]
         lines.append("")

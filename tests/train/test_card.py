@@ -12,4 +12,22 @@ def test_stage_titles_name_the_data_and_the_refit():
     assert "direct rows" in stage_title({"stage": "sft", "data": {"source": "pseudo_labels", "direct_rows": 5}})
     assert stage_title({"stage": "rpn", "config": {"twig_init": True}}) == STAGE_TITLES["rpn"]
     assert "refit" in stage_title({"stage": "rpn", "config": {"twig_init": False}})
+    rebuilt = stage_title({"stage": "rpn", "config": {"twig_init": True, "new_heads": True, "twig_K": 0, "twig_T": 2}})
+    assert "rebuilt at K=0, T=2" in rebuilt
     assert stage_title({"stage": "something-new"}) == "something-new"
+
+
+def test_card_settings_name_the_branch_depth_and_skip_unset_fields(tmp_path):
+    import json
+
+    from qzoom_ray.train.card import write_model_card
+
+    history = [
+        {"stage": "rpn", "init_from": "base", "config": {"twig_K": 1, "twig_T": 2, "lr": 1e-4, "seed": 0}},
+        {"stage": "rpn", "init_from": "s2", "config": {"twig_K": None, "twig_T": 2, "lr": 3e-4, "twig_init": False}},
+    ]
+    (tmp_path / "qzoom_training.json").write_text(json.dumps(history))
+    (tmp_path / "config.json").write_text(json.dumps({"twig_K": 0, "twig_T": 2}))
+    card = write_model_card(tmp_path).read_text()
+    settings = [line for line in card.splitlines() if line.startswith("- settings:")]
+    assert settings == ["- settings: twig_K=1, twig_T=2, lr=0.0001, seed=0", "- settings: twig_T=2, lr=0.0003"]
