@@ -72,7 +72,7 @@ def main() -> None:
     if n < 2:
         raise SystemExit(f"{args.labels} has {table.num_rows} valid label rows; the probe needs at least 2")
     pick = np.random.default_rng(args.seed).permutation(table.num_rows)[:n]
-    n_train = max(1, n - args.n_held_out) if n < args.n_train + args.n_held_out else args.n_train
+    n_train = n - min(args.n_held_out, n - 1)  # too few rows: the training share shrinks first
     loaded = load_model(ModelConfig(path=args.model, require_heads=False, device="cpu", dtype="float32"))
     rows = [plain(r) for r in table.take(pick).to_pylist()]
     train = cache_samples(loaded, rows[:n_train], args.budget, groups)

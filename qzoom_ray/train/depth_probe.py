@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from qzoom_ray.model.heads import QZoomHeads, QZoomHeadsSpec
+from qzoom_ray.model.heads import QZoomHeads
 from qzoom_ray.train.common import set_trainable, twig_trainable
 from qzoom_ray.train.forward import build_batch, encode, expand_to_square, image_columns
 from qzoom_ray.train.labels import evidence_cells
-from qzoom_ray.train.rpn import copy_base_layers, label_map, selective_bce
+from qzoom_ray.train.rpn import label_map, prepare_heads, selective_bce
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ def cache_samples(loaded: Any, rows: Iterable[dict[str, Any]], budget_tokens: in
     return out
 
 
+def fresh_twig(loaded: Any, k: int, t: int) -> QZoomHeads:
+    """A twig alone (no gate) at (k, t), copied from base layers k..k+t-1: stage 1's starting point."""
+    return prepare_heads(loaded, k, t, enable_high_res=False, reuse_src_pos=True, twig_init=True, new_heads=True)
+
+
 def _twig_map(loaded: Any, heads: QZoomHeads, h_k: torch.Tensor, s: CachedSample) -> torch.Tensor:
     kw = {"attention_mask": s.causal_mask, "position_embeddings": s.position_embeddings}
     scores, _ = loaded.adapter.roi_logits(heads.twig_score_layer, heads.twig_hidden(h_k, kw), s.position_embeddings)
@@ -110,9 +115,7 @@ def train_probe_twig(loaded: Any, samples: list[CachedSample], k: int, t: int, *
     returns it with its mean loss per epoch."""
     a = loaded.adapter
     torch.manual_seed(seed)
-    heads = QZoomHeads(QZoomHeadsSpec(True, k, t, False, k, t), a.text_config, a.decoder_layer_cls)
-    heads.to(device=a.device, dtype=a.dtype)
-    copy_base_layers(heads.twig_layers, a.layers, k)
+    heads = fresh_twig(loaded, k, t)
     params = set_trainable(twig_trainable(heads), [a.model, heads])
     h_k = [_hidden_k(loaded, s, k) for s in samples]  # frozen: computed once
     steps_per_epoch = max(1, len(samples) // batch_size)
@@ -147,11 +150,7 @@ def probe_depths(loaded: Any, train: list[CachedSample], held_out: list[CachedSa
     results = []
     for k, t in depths:
         t0 = time.perf_counter()
-        untrained = QZoomHeads(QZoomHeadsSpec(True, k, t, False, k, t), loaded.adapter.text_config,
-                               loaded.adapter.decoder_layer_cls).to(device=loaded.adapter.device,
-                                                                    dtype=loaded.adapter.dtype)
-        copy_base_layers(untrained.twig_layers, loaded.adapter.layers, k)
-        before = peak_hit_rates(loaded, untrained.eval(), held_out)
+        before = peak_hit_rates(loaded, fresh_twig(loaded, k, t).eval(), held_out)
         heads, history = train_probe_twig(loaded, train, k, t, epochs=epochs, lr=lr, batch_size=batch_size,
                                           seed=seed)
         results.append({

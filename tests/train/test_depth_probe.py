@@ -55,25 +55,17 @@ def test_probe_trains_each_depth_and_leaves_the_backbone_alone(loaded):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_hit_rate_counts_the_peak_cell(loaded):
-    # A twig whose map peaks in the evidence cell everywhere scores 1; rows without a box are not scored.
-    samples = cache_samples(loaded, [label_row(i) for i in range(3)], 16)
-    samples[2].evidence = None
-
-    class PeakAtEvidence:
-        spec = type("S", (), {"twig_K": 0})()
-
+def test_hit_rate_counts_the_peak_cell(loaded, monkeypatch):
+    # A map that peaks on the evidence scores 1, one that peaks off it 0; rows without a box are not scored.
     import qzoom_ray.train.depth_probe as probe
 
-    def fake_map(_loaded, _heads, _h, s):
-        return torch.from_numpy(s.evidence.astype(np.float32))
-
-    orig = probe._twig_map
-    probe._twig_map = fake_map
-    try:
-        assert peak_hit_rates(loaded, PeakAtEvidence(), samples) == {"all": (1.0, 2)}
-    finally:
-        probe._twig_map = orig
+    samples = cache_samples(loaded, [label_row(i) for i in range(3)], 16)
+    samples[2].evidence = None
+    heads = probe.fresh_twig(loaded, 0, 2)
+    monkeypatch.setattr(probe, "_twig_map", lambda _l, _h, _k, s: torch.from_numpy(s.evidence.astype(np.float32)))
+    assert peak_hit_rates(loaded, heads, samples) == {"all": (1.0, 2)}
+    monkeypatch.setattr(probe, "_twig_map", lambda _l, _h, _k, s: torch.from_numpy(1.0 - s.evidence.astype(np.float32)))
+    assert peak_hit_rates(loaded, heads, samples) == {"all": (0.0, 2)}
 
 
 def test_depths_argument():
