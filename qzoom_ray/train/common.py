@@ -160,6 +160,17 @@ def save_checkpoint(loaded: Any, heads: QZoomHeads, out: Path) -> None:
     loaded.processor.save_pretrained(out)
 
 
+def checkpoint_folder(init_from: str) -> Path:
+    """The folder a stage started from, where its history lies (``embedded:NAME``: the packaged folder; a hub
+    id: the snapshot the loader fetched)."""
+    from qzoom_ray.model.loader import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(init_from)
+    except FileNotFoundError:  # nothing to carry over; the stage itself already loaded the model
+        return Path(init_from)
+
+
 def run_stage(stage: str, worker: Callable[[dict[str, Any]], None], cfg: StageConfig,
               data_summary: dict[str, Any]) -> dict[str, Any]:
     """Fit ``worker`` with Ray Train on the rows at ``cfg.data_path``; write checkpoint, history and card."""
@@ -195,7 +206,7 @@ def run_stage(stage: str, worker: Callable[[dict[str, Any]], None], cfg: StageCo
         "wall_seconds": time.time() - t0,
         "config": cfg.model_dump(mode="json"),
     }
-    append_history(out, Path(cfg.init_from), entry, m.get("losses") or [])
+    append_history(out, checkpoint_folder(cfg.init_from), entry, m.get("losses") or [])
     write_model_card(out)
     (out / f"recipe-{stage}.json").write_text(json.dumps(entry, indent=2))
     return entry

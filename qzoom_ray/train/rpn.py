@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field
 
+from qzoom_ray.eval.metrics import exact_match
 from qzoom_ray.model.heads import QZoomHeads, QZoomHeadsSpec
 from qzoom_ray.train.common import (
     LossModule,
@@ -55,6 +56,12 @@ class RpnConfig(StageConfig):
         description="Weight of foreground cells in the BCE. 1.0: the paper's plain mean. 'balanced': n_bg / n_fg of "
         "each batch, for backbones whose attention is so peaked that foreground is a fraction of a percent of the "
         "labelled cells (a plain mean then learns 'background everywhere').",
+    )
+    correct_answers_only: bool = Field(
+        False,
+        description="Beyond the paper: train only on maps whose label-time answer matches the row's ground truth "
+        "(normalised exact match; rows without one are kept). Where the base model misreads, as on text too small "
+        "even at the label budget, its attention does not point at the evidence either.",
     )
     lr: float = 1e-4
 
@@ -139,6 +146,23 @@ def selective_bce(
     return F.binary_cross_entropy_with_logits(logit.float(), target, pos_weight=torch.tensor(weight, device=logit.device))
 
 
+def label_row_usable(row: dict[str, Any], correct_answers_only: bool = False) -> bool:
+    """A label row teaches the twig: its map is valid and, if asked, its answer agrees with the ground truth."""
+    if not row.get("valid", True):
+        return False
+    gt = row.get("gt_answer")
+    if not correct_answers_only or gt is None or not str(gt).strip():
+        return True
+    return exact_match(str(row.get("answer") or ""), [str(gt)]) == 1.0
+
+
+def usable_batch(rows: list[dict[str, Any]], correct_answers_only: bool = False) -> list[dict[str, Any]]:
+    """The batch's usable rows; none usable: its rows with every cell ignored (a zero loss that still keeps every
+    rank stepping together), never rows whose labels were filtered out."""
+    keep = [r for r in rows if label_row_usable(r, correct_answers_only)]
+    return keep or [{**r, "labels": [-100] * len(r["labels"])} for r in rows]
+
+
 def twig_logit_maps(loaded: Any, heads: QZoomHeads, enc: list[Encoded]) -> list[torch.Tensor]:
     """Per sample, the twig's (h, w) RoI logit map; gradients flow into the twig only."""
     a = loaded.adapter
@@ -178,18 +202,17 @@ def rpn_worker(config: dict[str, Any]) -> None:
     set_trainable(twig_trainable(heads), [loaded.adapter.model, heads])
     heads.train()
     module = LossModule(heads, rpn_loss_fn(loaded, heads, cfg.budget_tokens, cfg.fg_weight, cfg.seed + rank))
-    # Only rows with a usable map teach anything; invalid ones would be all-ignore batches.
-    batches = (
-        [r for r in rows if r.get("valid", True)] or rows
-        for rows in endless(shard_rows(cfg.batch_size, cfg.seed + rank))
-    )
+    shards = endless(shard_rows(cfg.batch_size, cfg.seed + rank))
+    batches = (usable_batch(rows, cfg.correct_answers_only) for rows in shards)
     train_and_report(cfg, rank, module, batches, lambda out: save_checkpoint(loaded, heads.eval(), out))
 
 
 def train_rpn(cfg: RpnConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(cfg.data_path, columns=["valid"])
-    valid = int(sum(table.column("valid").to_pylist()))
-    summary = {"rows": table.num_rows, "valid_maps": valid}
+    cols = ["valid", "answer", "gt_answer"] if cfg.correct_answers_only else ["valid"]
+    rows = pq.read_table(cfg.data_path, columns=cols).to_pylist()
+    summary = {"rows": len(rows), "valid_maps": sum(bool(r["valid"]) for r in rows)}
+    if cfg.correct_answers_only:
+        summary["correct_answer_maps"] = sum(label_row_usable(r, True) for r in rows)
     return run_stage("rpn", rpn_worker, cfg, summary)

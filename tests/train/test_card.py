@@ -31,3 +31,14 @@ def test_card_settings_name_the_branch_depth_and_skip_unset_fields(tmp_path):
     card = write_model_card(tmp_path).read_text()
     settings = [line for line in card.splitlines() if line.startswith("- settings:")]
     assert settings == ["- settings: twig_K=1, twig_T=2, lr=0.0001, seed=0", "- settings: twig_T=2, lr=0.0003"]
+
+
+def test_a_stage_started_from_the_embedded_model_carries_its_history(tmp_path):
+    from qzoom_ray.train.card import append_history, read_history
+    from qzoom_ray.train.common import checkpoint_folder
+
+    shipped = read_history(checkpoint_folder("embedded:tiny"))
+    assert [e["stage"] for e in shipped][:2] == ["rpn", "sft"]
+    append_history(tmp_path, checkpoint_folder("embedded:tiny"), {"stage": "rpn", "config": {}}, [])
+    assert len(read_history(tmp_path)) == len(shipped) + 1
+    assert checkpoint_folder(str(tmp_path / "gone")) == tmp_path / "gone"

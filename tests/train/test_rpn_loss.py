@@ -106,3 +106,29 @@ def test_a_budget_list_draws_one_budget_per_batch(monkeypatch):
     assert drawn(128, seed=5)[0] == [128] * 30
     assert drawn(None, seed=5)[0] == [1024] * 30  # each row's label budget
     assert RpnConfig(init_from="x", data_path="y", out_dir="z", budget_tokens=[64, 128]).budget_tokens == [64, 128]
+
+
+def _label_row(answer: str, gt: str | None, valid: bool = True) -> dict:
+    return {"valid": valid, "answer": answer, "gt_answer": gt, "labels": [1, 0, -100, 0]}
+
+
+def test_correct_answers_only_drops_maps_read_from_a_wrong_answer():
+    from qzoom_ray.train.rpn import label_row_usable
+
+    right, wrong, unknown = _label_row(" Seven", "7"), _label_row("3", "7"), _label_row("3", None)
+    assert all(label_row_usable(r) for r in (right, wrong, unknown))  # the paper's rule: every valid map
+    assert label_row_usable(right, True) and label_row_usable(unknown, True)
+    assert not label_row_usable(wrong, True)
+    assert not label_row_usable(_label_row("7", "7", valid=False), True)
+
+
+def test_a_batch_without_usable_rows_teaches_nothing():
+    from qzoom_ray.train.rpn import usable_batch
+
+    rows = [_label_row("3", "7"), _label_row("1", "7")]
+    assert usable_batch(rows) == rows
+    ignored = usable_batch(rows, correct_answers_only=True)
+    assert len(ignored) == 2 and all(set(r["labels"]) == {-100} for r in ignored)
+    assert rows[0]["labels"] == [1, 0, -100, 0]  # the caller's rows are not modified
+    mixed = [_label_row("7", "7"), _label_row("3", "7")]
+    assert usable_batch(mixed, correct_answers_only=True) == mixed[:1]
