@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -27,9 +27,25 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "qzoom_training.json"
 
 
+#: One Parquet file or folder, or several read as one table.
+DataPaths = str | Annotated[list[str], Field(min_length=1)]
+
+
+def read_rows(paths: DataPaths, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of one or several Parquet files or folders, read on the driver (what Ray Data reads for the workers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p, columns=columns) for p in ([paths] if isinstance(paths, str) else paths)]
+    # Runs may differ in a column's inferred type (all-null in one run): promote instead of failing.
+    return pa.concat_tables(tables, promote_options="default").to_pylist()
+
+
 class StageConfig(StrictModel):
     init_from: str = Field(..., description="Checkpoint folder this stage starts from.")
-    data_path: str = Field(..., description="Parquet file or folder of this stage's training rows.")
+    data_path: DataPaths = Field(
+        ..., description="Parquet file or folder of this stage's training rows, or a list of them (several label runs)."
+    )
     out_dir: str = Field(..., description="Where the trained checkpoint (released layout) is written.")
     seed: int = Field(0, description="Seeds the data order, label draws and anything random.")
     steps: int = Field(200, ge=1, description="Optimiser steps.")

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from qzoom_ray.config import StrictModel
+from qzoom_ray.train.common import DataPaths, read_rows
 from qzoom_ray.train.gate import LadderConfig
 from qzoom_ray.train.pseudo import PseudoLabelConfig
 from qzoom_ray.train.sft import MineConfig, SftConfig
@@ -81,7 +82,9 @@ class SftJob(StrictModel):
         "stage-1 row, cropped at its pseudo-RoI box, taught the base model's own high-resolution answer; for a "
         "base model that never saw a second image block and a twig too weak to give readable crops yet.",
     )
-    pseudo_labels: str | None = Field(None, description="Stage-1 label Parquet (source: pseudo_labels).")
+    pseudo_labels: DataPaths | None = Field(
+        None, description="Stage-1 label Parquet file or folder, or a list of them (source: pseudo_labels)."
+    )
     roi_pad_cells: int = Field(2, ge=0, description="Margin added around each pseudo-RoI box, in label-grid cells.")
     direct_replay: float = Field(
         0.0, ge=0,
@@ -136,7 +139,7 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
             raise ValueError("source: pseudo_labels needs `pseudo_labels` (the stage-1 label Parquet)")
         # Not the maps themselves: only what a training row needs.
         cols = ["id", "image", "question", "answer", "grid_h", "grid_w", "valid", "fg_box"]
-        labels = pq.read_table(job.pseudo_labels, columns=cols).to_pylist()
+        labels = read_rows(job.pseudo_labels, cols)
         picked = pseudo_roi_rows(labels, job.roi_pad_cells)
         direct = direct_replay_rows(job, labels, round(job.direct_replay * len(picked))) if picked else []
         summary = {"source": "pseudo_labels", "label_rows": len(labels), "zoomed_rows": len(picked),

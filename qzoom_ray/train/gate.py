@@ -26,6 +26,7 @@ from qzoom_ray.train.common import (
     StageConfig,
     endless,
     load_for_training,
+    read_rows,
     run_stage,
     save_checkpoint,
     set_trainable,
@@ -195,7 +196,7 @@ def train_gate(cfg: GateConfig) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(cfg.data_path).to_pylist()
+    rows = read_rows(cfg.data_path)
     mixed, summary = mixed_training_rows(rows, cfg.seed, cfg.max_samples)
     if not mixed:
         raise ValueError(f"no hard/easy records survive the consistency filter: {summary}")

@@ -24,6 +24,7 @@ from qzoom_ray.train.common import (
     StageConfig,
     endless,
     load_for_training,
+    read_rows,
     run_stage,
     save_checkpoint,
     set_trainable,
@@ -208,10 +209,8 @@ def rpn_worker(config: dict[str, Any]) -> None:
 
 
 def train_rpn(cfg: RpnConfig) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
     cols = ["valid", "answer", "gt_answer"] if cfg.correct_answers_only else ["valid"]
-    rows = pq.read_table(cfg.data_path, columns=cols).to_pylist()
+    rows = read_rows(cfg.data_path, cols)
     summary = {"rows": len(rows), "valid_maps": sum(bool(r["valid"]) for r in rows)}
     if cfg.correct_answers_only:
         summary["correct_answer_maps"] = sum(label_row_usable(r, True) for r in rows)

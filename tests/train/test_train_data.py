@@ -109,3 +109,22 @@ def test_tight_views_hold_the_evidence_at_the_asked_glyph_size():
         assert abs((budget * TOKEN_PX**2 / area) ** 0.5 / scale - 1) < 0.25 or budget == 4
         # A small fraction of what the whole image needs for the same glyph size.
         assert budget < min_legible_tokens(rec.width, rec.height, rec.glyph_px) / 4
+
+
+def test_stage_rows_come_from_one_path_or_several(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qzoom_ray.train.common import StageConfig, read_rows
+
+    (tmp_path / "run-a").mkdir()
+    pq.write_table(pa.table({"id": ["a0", "a1"], "answer": [None, None]}), tmp_path / "run-a" / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["b0"], "answer": ["7"]}), tmp_path / "run-b.parquet")
+    one = read_rows(str(tmp_path / "run-a"), ["id"])
+    assert one == [{"id": "a0"}, {"id": "a1"}]
+    both = read_rows([str(tmp_path / "run-a"), str(tmp_path / "run-b.parquet")])
+    assert [r["id"] for r in both] == ["a0", "a1", "b0"] and both[2]["answer"] == "7"  # null column promoted
+    base = {"init_from": "m", "out_dir": "o"}
+    assert StageConfig.model_validate({**base, "data_path": ["x", "y"]}).data_path == ["x", "y"]
+    with pytest.raises(ValueError):
+        StageConfig.model_validate({**base, "data_path": []})
