@@ -78,6 +78,8 @@ def _plot_losses(losses: list[float], path: Path, title: str) -> bool:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):  # e.g. several label runs as one data_path
+        return " + ".join(_fmt(x) for x in v)
     return "-" if v is None else str(v)
 
 

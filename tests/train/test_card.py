@@ -42,3 +42,14 @@ def test_a_stage_started_from_the_embedded_model_carries_its_history(tmp_path):
     append_history(tmp_path, checkpoint_folder("embedded:tiny"), {"stage": "rpn", "config": {}}, [])
     assert len(read_history(tmp_path)) == len(shipped) + 1
     assert checkpoint_folder(str(tmp_path / "gone")) == tmp_path / "gone"
+
+
+def test_card_names_every_folder_of_a_multi_path_stage(tmp_path):
+    import json
+
+    from qzoom_ray.train.card import write_model_card
+
+    history = [{"stage": "rpn", "init_from": "m", "data": {"path": ["labels-d", "labels-e"], "rows": 3}, "config": {}}]
+    (tmp_path / "qzoom_training.json").write_text(json.dumps(history))
+    card = write_model_card(tmp_path).read_text()
+    assert "- data: path=labels-d + labels-e, rows=3" in card.splitlines()
