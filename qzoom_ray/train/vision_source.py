@@ -185,6 +185,16 @@ def render_canvas(rng: np.random.Generator, grid_tokens: tuple[int, int] = (8, 1
     return DenseView(image, dense_labels(rec, (0.0, 0.0, float(w), float(h)), 1.0, (rows, cols)))
 
 
+def whole_image_view(rec: SynthRecord, budget: int) -> DenseView:
+    """The whole of ``rec`` resized to about ``budget`` tokens (multiples of 28 px), with its labels."""
+    w, h = rec.width, rec.height
+    s = math.sqrt(budget * TOKEN_PX**2 / (w * h))
+    cols, rows = max(2, round(w * s / TOKEN_PX)), max(2, round(h * s / TOKEN_PX))
+    scale = (cols * TOKEN_PX / w + rows * TOKEN_PX / h) / 2
+    image = rec.image.resize((cols * TOKEN_PX, rows * TOKEN_PX), Image.Resampling.BICUBIC)
+    return DenseView(image, dense_labels(rec, (0.0, 0.0, float(w), float(h)), scale, (rows, cols)))
+
+
 def make_dense_view_fn(
     canvas_prob: float = 0.5,
     glyph_px: tuple[float, float] = (8.0, 44.0),
@@ -211,28 +221,22 @@ def make_dense_view_fn(
         rec = render_record(int(rng.integers(2**31)), split="ordinary", template=templates[int(rng.integers(len(templates)))])
         w, h = rec.width, rec.height
         if rng.random() < whole_prob:
-            budget = int(whole_budgets[int(rng.integers(len(whole_budgets)))])
-            s = math.sqrt(budget * TOKEN_PX**2 / (w * h))
-            cols, rows = max(2, round(w * s / TOKEN_PX)), max(2, round(h * s / TOKEN_PX))
-            window = (0.0, 0.0, float(w), float(h))
-            scale_x, scale_y = cols * TOKEN_PX / w, rows * TOKEN_PX / h
-            scale = (scale_x + scale_y) / 2
+            return whole_image_view(rec, int(whole_budgets[int(rng.integers(len(whole_budgets)))]))
+        scale = min(1.0, float(rng.uniform(*glyph_px)) / max(rec.glyph_px, 1))
+        cols = int(rng.integers(grid_tokens[0], grid_tokens[1] + 1))
+        rows = int(rng.integers(grid_tokens[0], grid_tokens[1] + 1))
+        cols = min(cols, max(2, int(w * scale // TOKEN_PX)))
+        rows = min(rows, max(2, int(h * scale // TOKEN_PX)))
+        ww, wh = cols * TOKEN_PX / scale, rows * TOKEN_PX / scale
+        if rng.random() < evidence_prob:
+            ex0, ey0, ex1, ey1 = rec.evidence_box
+            cx = (ex0 + ex1) / 2 + float(rng.uniform(-0.4, 0.4)) * ww
+            cy = (ey0 + ey1) / 2 + float(rng.uniform(-0.4, 0.4)) * wh
         else:
-            scale = min(1.0, float(rng.uniform(*glyph_px)) / max(rec.glyph_px, 1))
-            cols = int(rng.integers(grid_tokens[0], grid_tokens[1] + 1))
-            rows = int(rng.integers(grid_tokens[0], grid_tokens[1] + 1))
-            cols = min(cols, max(2, int(w * scale // TOKEN_PX)))
-            rows = min(rows, max(2, int(h * scale // TOKEN_PX)))
-            ww, wh = cols * TOKEN_PX / scale, rows * TOKEN_PX / scale
-            if rng.random() < evidence_prob:
-                ex0, ey0, ex1, ey1 = rec.evidence_box
-                cx = (ex0 + ex1) / 2 + float(rng.uniform(-0.4, 0.4)) * ww
-                cy = (ey0 + ey1) / 2 + float(rng.uniform(-0.4, 0.4)) * wh
-            else:
-                cx, cy = float(rng.uniform(0, w)), float(rng.uniform(0, h))
-            x0 = min(max(0.0, cx - ww / 2), max(0.0, w - ww))
-            y0 = min(max(0.0, cy - wh / 2), max(0.0, h - wh))
-            window = (x0, y0, x0 + ww, y0 + wh)
+            cx, cy = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+        x0 = min(max(0.0, cx - ww / 2), max(0.0, w - ww))
+        y0 = min(max(0.0, cy - wh / 2), max(0.0, h - wh))
+        window = (x0, y0, x0 + ww, y0 + wh)
         image = rec.image.crop(tuple(int(round(v)) for v in window)).resize(
             (cols * TOKEN_PX, rows * TOKEN_PX), Image.Resampling.BICUBIC
         )
