@@ -13,7 +13,11 @@ Probed per token of whole benchmark images at one budget, on tokens that lie on 
 * ``half``: whether the token is in the left or the right half of the image (what the side question
   needs; the decoder sees only rotary, i.e. relative, positions).
 
-Train and test tokens come from different images, so a probe cannot memorise a picture.
+Train and test tokens come from different images, so a probe cannot memorise a picture. With
+``decoder=True`` the same tokens are also probed in the decoder's hidden state after each layer
+(image tokens come before the question, so under causal attention they do not depend on it): a fact
+that appears there was computed by the decoder itself, e.g. the side of the image, which rotary
+positions make available only relative to the ``<|vision_start|>`` token.
 """
 
 from __future__ import annotations
@@ -75,6 +79,26 @@ def merged_token_features(model: Any, processor: Any, view: DenseView) -> np.nda
     return feats.float().reshape(rows, cols, -1).cpu().numpy()
 
 
+@torch.no_grad()
+def decoder_token_features(model: Any, processor: Any, view: DenseView, question: str) -> list[np.ndarray]:
+    """The image tokens' hidden states, ``(rows, cols, hidden)`` each: the decoder's input (the merger's
+    output) and the output of every decoder layer, for ``view`` followed by ``question``."""
+    from qzoom_ray.train.data import TrainSample, collate, encode_sample
+
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    rows, cols = view.labels["object"].shape
+    sample = TrainSample(view.image, question, "", rows * cols)  # one token per 28 x 28 px: no resize
+    batch = collate([encode_sample(processor, sample)], int(tok.pad_token_id), image_token_id)
+    batch.pop("labels")
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
+    where = (batch["input_ids"][0] == image_token_id).nonzero()[:, 0].to(device)
+    if len(where) != rows * cols:
+        raise ValueError(f"{len(where)} image tokens for a {rows}x{cols} label grid")
+    return [h[0, where].float().reshape(rows, cols, -1).cpu().numpy() for h in out.hidden_states]
+
+
 def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                      steps: int = 400, lr: float = 1e-2, weight_decay: float = 1e-3, seed: int = 0) -> ProbeResult:
     """Multinomial logistic regression (full batch, Adam) on standardised features."""
@@ -101,17 +125,18 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
 
 
 def probe_tower(model: Any, processor: Any, n_images: int = 200, budget: int = 64, seed: int = 555,
-                template: str = "scene_colour", test_share: float = 0.3,
-                progress: bool = False) -> dict[str, ProbeResult]:
-    """Render ``n_images`` benchmark images of ``template`` (ordinary split), take the merger's output
-    at ``budget`` tokens and fit one probe per head of :data:`PROBE_HEADS`; the last ``test_share`` of
-    the images are the test set."""
+                template: str = "scene_colour", test_share: float = 0.3, decoder: bool = False,
+                progress: bool = False) -> dict[str, dict[str, ProbeResult]]:
+    """Render ``n_images`` benchmark images of ``template`` (ordinary split) at ``budget`` tokens and fit
+    one probe per head of :data:`PROBE_HEADS` on the merger's output (``"merger"``) and, with
+    ``decoder``, on the image tokens after each decoder layer (``"decoder 1"``, ...). The last
+    ``test_share`` of the images are the test set."""
     from qzoom_ray.synth.generator import render_record
 
     if n_images < 2:
         raise ValueError("need at least two images: one to train on, one to test on")
     n_test = max(1, round(n_images * test_share))
-    feats: list[np.ndarray] = []
+    feats: dict[str, list[np.ndarray]] = {}
     targets: dict[str, list[np.ndarray]] = {h: [] for h in PROBE_HEADS}
     is_test: list[np.ndarray] = []
     items = range(n_images)
@@ -120,17 +145,26 @@ def probe_tower(model: Any, processor: Any, n_images: int = 200, budget: int = 6
 
         items = tqdm(items, desc="visual tokens", unit="image")
     for i in items:
-        view = whole_image_view(render_record([seed, i], split="ordinary", template=template), budget)
-        f = merged_token_features(model, processor, view)
-        feats.append(f.reshape(-1, f.shape[-1]))
+        rec = render_record([seed, i], split="ordinary", template=template)
+        view = whole_image_view(rec, budget)
+        if decoder:
+            states = decoder_token_features(model, processor, view, rec.question)
+            names = ["merger"] + [f"decoder {k}" for k in range(1, len(states))]
+        else:
+            states, names = [merged_token_features(model, processor, view)], ["merger"]
+        for name, f in zip(names, states, strict=True):
+            feats.setdefault(name, []).append(f.reshape(-1, f.shape[-1]))
         for head, y in probe_targets(view).items():
             targets[head].append(y.reshape(-1))
-        is_test.append(np.full(f.shape[0] * f.shape[1], i >= n_images - n_test))
-    x, test = np.concatenate(feats), np.concatenate(is_test)
-    results = {}
-    for head in PROBE_HEADS:
-        y = np.concatenate(targets[head])
-        keep = y != IGNORE
-        tr, te = keep & ~test, keep & test
-        results[head] = fit_linear_probe(x[tr], y[tr], x[te], y[te])
+        rows, cols = view.labels["object"].shape
+        is_test.append(np.full(rows * cols, i >= n_images - n_test))
+    test = np.concatenate(is_test)
+    results: dict[str, dict[str, ProbeResult]] = {}
+    for name, chunks in feats.items():
+        x = np.concatenate(chunks)
+        results[name] = {}
+        for head in PROBE_HEADS:
+            y = np.concatenate(targets[head])
+            keep = y != IGNORE
+            results[name][head] = fit_linear_probe(x[keep & ~test], y[keep & ~test], x[keep & test], y[keep & test])
     return results

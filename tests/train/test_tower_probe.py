@@ -45,10 +45,17 @@ def test_probe_tower_end_to_end_on_the_tiny_model(tiny_model_dir):
     from qzoom_ray.model.loader import load_model
 
     loaded = load_model(ModelConfig(path=tiny_model_dir, require_heads=False, device="cpu", dtype="float32"))
-    results = probe_tower(loaded.adapter.model, loaded.processor, n_images=4, budget=64, seed=3)
-    assert set(results) == set(PROBE_HEADS)
-    for r in results.values():
-        assert r.n_train > 0 and r.n_test > 0
-        assert 0.0 <= r.test_accuracy <= 1.0 and 0.0 <= r.majority_accuracy <= 1.0
+    results = probe_tower(loaded.adapter.model, loaded.processor, n_images=4, budget=64, seed=3, decoder=True)
+    layers = loaded.adapter.model.config.text_config.num_hidden_layers
+    assert list(results) == ["merger"] + [f"decoder {k}" for k in range(1, layers + 1)]
+    for probes in results.values():
+        assert set(probes) == set(PROBE_HEADS)
+        for r in probes.values():
+            assert r.n_train > 0 and r.n_test > 0
+            assert 0.0 <= r.test_accuracy <= 1.0 and 0.0 <= r.majority_accuracy <= 1.0
+    tower_only = probe_tower(loaded.adapter.model, loaded.processor, n_images=4, budget=64, seed=3)
+    assert list(tower_only) == ["merger"]
+    # The decoder's input at the image tokens is the merger's output: the same tokens, the same probe.
+    assert tower_only["merger"]["colour"] == results["merger"]["colour"]
     with pytest.raises(ValueError, match="two images"):
         probe_tower(loaded.adapter.model, loaded.processor, n_images=1)
