@@ -16,7 +16,7 @@ import numpy as np
 
 from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.documents import render_document
-from qzoom_ray.synth.scenes import render_scene
+from qzoom_ray.synth.scenes import MAX_SHAPES, render_scene
 from qzoom_ray.synth.sizing import min_legible_tokens, sample_size
 from qzoom_ray.synth.vocab import COARSE_TEMPLATES, FINE_TEMPLATES, TEMPLATES
 
@@ -42,13 +42,16 @@ def render_record(
     size: tuple[int, int] | None = None,
     ultra_frac: float = 0.25,
     fine_frac: float = 0.5,
+    max_shapes: int | None = None,
 ) -> SynthRecord:
     """Render one image + question. ``None`` arguments are drawn from the seed:
 
     kind: "document" | "scene"; split: "ordinary" | "ultra_hr" (None: ultra with ``ultra_frac``);
     question_type: "fine" | "coarse" (None: fine with ``fine_frac``); template: a key of
     :data:`~qzoom_ray.synth.vocab.TEMPLATES` (overrides kind and question_type); size: (W, H),
-    else drawn from the split's range (the fine text size always follows the split's rule).
+    else drawn from the split's range (the fine text size always follows the split's rule);
+    max_shapes: scenes hold 2 to this many shapes (None: the benchmark's
+    :data:`~qzoom_ray.synth.scenes.MAX_SHAPES`; documents ignore it).
     """
     rng = np.random.default_rng(seed)
     # Draw every choice even when it is given, so that fixing one argument does not shift the rest.
@@ -67,8 +70,9 @@ def render_record(
     drawn_template = pool[int(rng.integers(len(pool)))]
     template = template or drawn_template
     width, height = size or sample_size(rng, split, ASPECT[kind])
-    render = render_document if kind == "document" else render_scene
-    return render(rng, split, width, height, template)
+    if kind == "document":
+        return render_document(rng, split, width, height, template)
+    return render_scene(rng, split, width, height, template, max_shapes=MAX_SHAPES if max_shapes is None else max_shapes)
 
 
 def encode_image(record: SynthRecord, image_format: str = "auto") -> tuple[bytes, str]:

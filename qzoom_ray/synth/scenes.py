@@ -87,10 +87,17 @@ def _place(rng: np.random.Generator, w: int, h: int, n: int, r: float) -> list[t
     return centres
 
 
-def render_scene(rng: np.random.Generator, split: str, width: int, height: int, template: str) -> SynthRecord:
+def render_scene(
+    rng: np.random.Generator, split: str, width: int, height: int, template: str, max_shapes: int = MAX_SHAPES
+) -> SynthRecord:
+    """One scene of 2 to ``max_shapes`` shapes. The benchmark always uses :data:`MAX_SHAPES`; fewer
+    shapes make the training curriculum's first binding phase (a shape's name to its colour is learned
+    on two candidates long before it is on five; docs/benchmark.md)."""
+    if not 2 <= max_shapes <= min(len(SHAPES), len(COLOURS)):
+        raise ValueError(f"max_shapes must be between 2 and {min(len(SHAPES), len(COLOURS))}, got {max_shapes}")
     glyph = fine_glyph_px(rng, split, width, height)
     font = font_for_glyph(glyph)
-    n_wanted = int(rng.integers(2, MAX_SHAPES + 1))
+    n_wanted = int(rng.integers(2, max_shapes + 1))
     pad = 0.35 * glyph
     tag_w, tag_h = font.getlength("X" * 2) + 2 * pad, 1.6 * glyph
     # Circumradius: a share of the short side, but large enough for the tag to fit inside a star.

@@ -117,6 +117,7 @@ def make_sample_fn(
     templates: tuple[str, ...] | None = None,
     tight_prob: float = 0.0,
     tight_pad: tuple[float, float] = (1.05, 1.8),
+    scene_shapes: int | None = None,
 ):
     """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get.
 
@@ -124,6 +125,7 @@ def make_sample_fn(
     ``tight_prob`` of the fine records are shown as a *tight* view: the evidence plus a margin at a
     budget of a few dozen tokens, so a step sees many more glyphs per token (where reading is learned
     fastest); the other fine records get a ``crop_budgets`` window with ``crop_prob``.
+    ``scene_shapes`` caps the shapes per scene (None: the benchmark's 2-5), for a binding phase.
     """
     weights = np.asarray(full_weights or [1.0] * len(full_budgets), dtype=float)
     weights = weights / weights.sum()
@@ -134,7 +136,9 @@ def make_sample_fn(
     def sample(rng: np.random.Generator) -> TrainSample:
         while True:
             template = pool[int(rng.integers(len(pool)))] if pool else None
-            rec = render_record(int(rng.integers(2**31)), split="ordinary", template=template)
+            rec = render_record(
+                int(rng.integers(2**31)), split="ordinary", template=template, max_shapes=scene_shapes
+            )
             full = (0, 0, rec.width, rec.height)
             # Scale s so that the glyph is `target` px tall after the resize.
             target = float(rng.uniform(*glyph_tokens)) * TOKEN_PX

@@ -14,6 +14,7 @@ from PIL import Image
 from qzoom_ray.synth import TEMPLATES, budget_scale, min_legible_tokens, render_record, vocabulary
 from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.generator import encode_image, record_row
+from qzoom_ray.synth.scenes import MAX_SHAPES
 from qzoom_ray.synth.sizing import LEGIBLE_PX, fine_glyph_px, sample_size
 from qzoom_ray.synth.vocab import COLOURS
 
@@ -82,6 +83,19 @@ def test_scene_coarse_answers_match_the_drawing(seed):
     if side.template == "scene_side":
         cx = (side.evidence_box[0] + side.evidence_box[2]) / 2
         assert side.answer == ("left" if cx < side.width / 2 else "right")
+
+
+def test_max_shapes_caps_scenes_and_leaves_the_benchmark_as_it_was():
+    counts = {len(render_record([5, i], template="scene_colour", max_shapes=2).objects) for i in range(8)}
+    assert counts == {2}
+    # The default draws the same records whether max_shapes is left out or given as the benchmark's cap.
+    default = render_record([5, 0], template="scene_count")
+    explicit = render_record([5, 0], template="scene_count", max_shapes=MAX_SHAPES)
+    assert default.objects == explicit.objects and default.answer == explicit.answer
+    assert render_record([5, 0], kind="document", max_shapes=2).category == "document"  # documents ignore it
+    for bad in (1, 99):
+        with pytest.raises(ValueError, match="max_shapes"):
+            render_record([5, 0], template="scene_colour", max_shapes=bad)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

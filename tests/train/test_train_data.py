@@ -114,6 +114,17 @@ def test_a_curriculum_phase_asks_only_its_templates():
         make_sample_fn(templates=("doc_nothing",))
 
 
+def test_a_binding_phase_shows_scenes_of_at_most_its_shape_count():
+    # scene_colour asks one question per shape of a whole scene: at most two turns with two shapes.
+    capped = make_sample_fn(templates=("scene_colour",), full_budgets=(64,), scene_shapes=2)
+    full = make_sample_fn(templates=("scene_colour",), full_budgets=(64,))
+    rng_capped, rng_full = np.random.default_rng(4), np.random.default_rng(4)
+    capped_turns = [1 + len(capped(rng_capped).more_turns) for _ in range(10)]
+    full_turns = [1 + len(full(rng_full).more_turns) for _ in range(10)]
+    assert set(capped_turns) == {2}
+    assert max(full_turns) > 2
+
+
 def test_tight_views_hold_the_evidence_at_the_asked_glyph_size():
     rng = np.random.default_rng(0)
     for seed in range(4):
