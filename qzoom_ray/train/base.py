@@ -42,6 +42,26 @@ class _Runtime:
     save: Callable[[Any, Any, dict[str, Any], bool], None]
 
 
+def chat_loss_fn(wrapped: Any, weight: float, grounder: Any, grounding_losses: list[float]):
+    """The chat phases' loss: next-token loss, plus ``weight`` x the grounding loss where the batch
+    carries groundings (the targets are always removed from the batch: the model takes no such input)."""
+    from qzoom_ray.train.grounding import split_grounding
+
+    def loss_fn(batch):
+        targets = split_grounding(batch)
+        if weight <= 0 or targets is None:
+            return wrapped(**batch).loss
+        grounder.set_targets(*targets, batch["attention_mask"])
+        with grounder:
+            lm_loss = wrapped(**batch).loss
+        if grounder.loss is None:
+            return lm_loss
+        grounding_losses.append(float(grounder.loss.detach()))
+        return lm_loss + weight * grounder.loss
+
+    return loss_fn
+
+
 def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
     """The curriculum: phases in order, each with its own data stream, clock and learning rate."""
     import torch
@@ -123,6 +143,9 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
             if done["kind"] == "vision":
                 acc = vision_model()[1].last_accuracy
                 extra = " token accuracy " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
+            elif grounding_losses:
+                recent = grounding_losses[-cfg.log_every :]
+                extra = f" (grounding {sum(recent) / len(recent):.4f}, in the loss x{done['grounding_weight']})"
             logger.warning("[%s] step %d (total %d) loss %.4f lr %.2e%s", done["phase"], step, total, loss, lr, extra)
             if heldout and done["kind"] == "chat" and total % cfg.heldout_every < cfg.log_every:
                 check_heldout(total)
@@ -134,9 +157,15 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         TrainPhase(name="main", minutes=cfg.max_minutes or 1e9, lr=cfg.lr, source_kwargs={})
     ]
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    grounder = None
+    if any(p.grounding_weight > 0 for p in phases):
+        from qzoom_ray.train.grounding import GroundingLoss
+
+        grounder = GroundingLoss(model.model.language_model.layers, cfg.grounding_heads)
     t_start = time.time()
     stats = LoopStats()
     phase_log: list[dict[str, Any]] = []
+    grounding_losses: list[float] = []
 
     def metrics() -> dict[str, Any]:
         n = max(1, min(len(stats.losses), cfg.log_every))
@@ -156,6 +185,8 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         if done["steps"] >= cfg.steps or (left_s is not None and left_s <= 0):
             break
         done["phase"], done["kind"] = phase.name, phase.kind
+        done["grounding_weight"] = phase.grounding_weight
+        grounding_losses.clear()
         seconds = phase.minutes * 60 if cfg.phases else None
         if left_s is not None:
             seconds = min(seconds, left_s) if seconds else left_s
@@ -184,8 +215,7 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
                     p.requires_grad_(not frozen(n, phase))
             params = [p for n, p in wrapped.named_parameters() if not frozen(n, phase)]
 
-            def loss_fn(b, wrapped=wrapped):
-                return wrapped(**b).loss
+            loss_fn = chat_loss_fn(wrapped, phase.grounding_weight, grounder, grounding_losses)
 
         part = train_loop(params, loss_fn, stream, loop, on_log=log)
         del stream  # stops this phase's data workers
@@ -196,6 +226,9 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         phase_log.append({"name": phase.name, "kind": phase.kind, "steps": len(part.losses),
                           "seconds": round(part.seconds, 1), "samples": part.samples,
                           "final_loss": sum(part.losses[-cfg.log_every :]) / max(1, min(len(part.losses), cfg.log_every))})
+        if grounding_losses:
+            recent = grounding_losses[-cfg.log_every :]
+            phase_log[-1]["final_grounding_loss"] = sum(recent) / len(recent)
         if heldout and cfg.phases and phase.kind == "chat":
             check_heldout(done["steps"])
         if i + 1 < len(phases):

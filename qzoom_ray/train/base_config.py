@@ -52,6 +52,10 @@ class TrainPhase(StrictModel):
     freeze_vision: bool = Field(
         False, description="chat phases: leave the patch embedding and ViT blocks as they are (the merger still trains)."
     )
+    grounding_weight: float = Field(
+        0.0, ge=0, description="chat phases: weight of the grounding loss (qzoom_ray.train.grounding) on the samples' "
+        "groundings (a source must attach them, e.g. synth_source's ground_shapes: true); 0 turns it off."
+    )
 
 
 VISION_SOURCE = "qzoom_ray.train.vision_source:make_dense_view_fn"
@@ -97,6 +101,12 @@ class TrainBaseConfig(StrictModel):
     heldout_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword args for heldout_source.")
     heldout_every: int = Field(250, ge=1, description="Log teacher-forced held-out accuracy every this many steps.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (with a fully decayed schedule) after this long.")
+    grounding_heads: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(0, 0)],
+        description="(decoder layer, head) pairs whose attention from the named word the grounding loss supervises "
+        "(layer 0: the word's own embedding is the query, which learns fastest; a later layer looks the object up "
+        "again once its tokens know their place in the image).",
+    )
     phases: list[TrainPhase] = Field(
         default_factory=list,
         description="A curriculum: run these phases in order (each with its own data and clock) instead of one "

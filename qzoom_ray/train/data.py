@@ -17,6 +17,13 @@ import numpy as np
 import torch
 
 from qzoom_ray.model.processor import build_prompt, image_size_kwargs
+from qzoom_ray.train.grounding import (
+    GROUNDING_KEYS,
+    GROUNDING_ROWS,
+    Grounding,
+    box_token_cells,
+    word_token_id,
+)
 
 IGNORE_INDEX = -100
 TOKEN_PX = 28
@@ -29,6 +36,9 @@ class TrainSample:
     answer: str
     budget_tokens: int  # the view is processed with min = max = budget * 28**2 pixels
     more_turns: list[tuple[str, str]] = field(default_factory=list)  # later (question, answer) turns
+    # Per turn (first, then more_turns), the object the question names, for grounding supervision
+    # (qzoom_ray.train.grounding); empty, or one entry per turn with None where nothing is named.
+    groundings: list[Grounding | None] = field(default_factory=list)
 
 
 SampleFn = Callable[[np.random.Generator], TrainSample]
@@ -51,12 +61,42 @@ def encode_sample(processor: Any, sample: TrainSample) -> dict[str, Any]:
         pieces.append((_ids(tok, answer + "<|im_end|>"), True))
     ids = np.concatenate([p for p, _ in pieces])
     labels = np.concatenate([p if target else np.full_like(p, IGNORE_INDEX) for p, target in pieces])
-    return {
+    encoded = {
         "input_ids": ids,
         "labels": labels,
         "pixel_values": np.asarray(out["pixel_values"], dtype=np.float32),
         "image_grid_thw": np.asarray(out["image_grid_thw"][0], dtype=np.int64),
     }
+    if sample.groundings:
+        encoded["grounding"] = grounding_pairs(tok, sample, pieces, encoded["image_grid_thw"])
+    return encoded
+
+
+def grounding_pairs(
+    tokenizer: Any, sample: TrainSample, pieces: list[tuple[np.ndarray, bool]], grid_thw: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """(query position, target key positions) per grounded turn: the last occurrence of the named word
+    in that turn's prompt piece, and the image tokens the object's box covers."""
+    turns = 1 + len(sample.more_turns)
+    if len(sample.groundings) != turns:
+        raise ValueError(f"{len(sample.groundings)} groundings for {turns} turns; give one per turn (None allowed)")
+    image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merge = 2  # Qwen2.5-VL merges 2x2 patches into one visual token
+    merged_hw = (int(grid_thw[1]) // merge, int(grid_thw[2]) // merge)
+    image_pos = np.nonzero(pieces[0][0] == image_token_id)[0]
+    offsets = np.cumsum([0] + [len(p) for p, _ in pieces])
+    out = []
+    for turn, grounding in enumerate(sample.groundings):
+        if grounding is None:
+            continue
+        prompt_piece = 2 * turn  # pieces alternate prompt, answer
+        word = word_token_id(tokenizer, grounding.word)
+        hits = np.nonzero(pieces[prompt_piece][0] == word)[0]
+        if len(hits) == 0:
+            raise ValueError(f"turn {turn} names {grounding.word!r} but its prompt does not contain it")
+        cells = box_token_cells(grounding.box, sample.image.size, merged_hw)
+        out.append((int(offsets[prompt_piece] + hits[-1]), image_pos[cells]))
+    return out
 
 
 def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
@@ -70,7 +110,7 @@ def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> 
         ids[b, :n] = torch.from_numpy(e["input_ids"])
         labels[b, :n] = torch.from_numpy(e["labels"])
         mask[b, :n] = 1
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
@@ -78,6 +118,13 @@ def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> 
         "image_grid_thw": torch.from_numpy(np.stack([e["image_grid_thw"] for e in encoded])),
         "mm_token_type_ids": (ids == image_token_id).to(torch.int32),
     }
+    pairs = [(b, q, keys) for b, e in enumerate(encoded) for q, keys in e.get("grounding", [])]
+    if pairs:  # tensors, so that data workers and to_device pass them through like the rest
+        batch[GROUNDING_ROWS] = torch.tensor([[b, q] for b, q, _ in pairs], dtype=torch.long)
+        batch[GROUNDING_KEYS] = torch.zeros((len(pairs), width), dtype=torch.bool)
+        for i, (_, _, keys) in enumerate(pairs):
+            batch[GROUNDING_KEYS][i, torch.from_numpy(keys)] = True
+    return batch
 
 
 def pack_by_length(lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ from qzoom_ray.synth.common import SynthRecord
 from qzoom_ray.synth.generator import render_record
 from qzoom_ray.synth.vocab import FIELDS, TEMPLATES, vocabulary
 from qzoom_ray.train.data import TrainSample
+from qzoom_ray.train.grounding import Grounding
 from qzoom_ray.train.reading_source import READ_QUESTION
 
 TOKEN_PX = 28
@@ -98,6 +99,22 @@ def view_questions(
     return qa
 
 
+def shape_groundings(rec: SynthRecord, window: Box, questions: list[str]) -> list[Grounding | None]:
+    """Per question, the scene shape it names with its box in the window's pixels (None: names none,
+    or the shape is not wholly in the window). A scene never holds two shapes of one kind, so the
+    word picks the shape."""
+    out: list[Grounding | None] = []
+    for question in questions:
+        words = set(question.rstrip("?").split())
+        named = [o for o in rec.objects if rec.category == "scene" and o["kind"] in words]
+        if len(named) == 1 and _inside(named[0]["box"], window):
+            x0, y0, x1, y1 = named[0]["box"]
+            out.append(Grounding(named[0]["kind"], (x0 - window[0], y0 - window[1], x1 - window[0], y1 - window[1])))
+        else:
+            out.append(None)
+    return out
+
+
 def tight_window(rec: SynthRecord, scale: float, pad: tuple[float, float], rng: np.random.Generator) -> tuple[Box, int]:
     """A window around the evidence, ``pad`` times its size per side, and the budget that shows it at ``scale``."""
     x0, y0, x1, y1 = rec.evidence_box
@@ -118,6 +135,7 @@ def make_sample_fn(
     tight_prob: float = 0.0,
     tight_pad: tuple[float, float] = (1.05, 1.8),
     scene_shapes: int | None = None,
+    ground_shapes: bool = False,
 ):
     """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get.
 
@@ -126,6 +144,8 @@ def make_sample_fn(
     budget of a few dozen tokens, so a step sees many more glyphs per token (where reading is learned
     fastest); the other fine records get a ``crop_budgets`` window with ``crop_prob``.
     ``scene_shapes`` caps the shapes per scene (None: the benchmark's 2-5), for a binding phase.
+    ``ground_shapes`` attaches to every scene question the shape it names (:func:`shape_groundings`),
+    for a phase with grounding supervision; the samples are otherwise the same.
     """
     weights = np.asarray(full_weights or [1.0] * len(full_budgets), dtype=float)
     weights = weights / weights.sum()
@@ -162,7 +182,9 @@ def make_sample_fn(
         picked = [qa[i] for i in rng.permutation(len(qa))[:max_turns]]
         image = rec.image if window == full else rec.image.crop(window)
         (q0, a0), rest = picked[0], picked[1:]
-        return TrainSample(image=image, question=q0, answer=a0, budget_tokens=budget, more_turns=rest)
+        groundings = shape_groundings(rec, window, [q for q, _ in picked]) if ground_shapes else []
+        return TrainSample(image=image, question=q0, answer=a0, budget_tokens=budget, more_turns=rest,
+                           groundings=groundings)
 
     return sample
 

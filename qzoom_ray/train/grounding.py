@@ -1,0 +1,162 @@
+"""Grounding supervision for the base model: one decoder head learns to look up the object a question names.
+
+Why: the tiny base's visual tokens carry shape and colour (linear probes, docs/benchmark.md), yet
+through the answer token alone the decoder never learned the lookup from the shape word in "What
+colour is the diamond?" to the diamond's tokens; its answers stayed at "a colour somewhere in the
+image". A real MLLM brings that lookup from grounding data in its pretraining. Here a small auxiliary
+loss teaches it directly: from the position of the named object's word, the attention of one head of
+one layer should fall on the visual tokens the object covers, ``-log(mass on those tokens)``.
+Supervising layer 0 at the word itself (its query is the word's own embedding) learns in a few
+hundred CPU steps what supervising the answer position did not learn at all (docs/benchmark.md).
+
+The probabilities come from the layer's own q/k projections and rotary embedding in a forward
+pre-hook (as :mod:`qzoom_ray.train.attention` does for stage-1 labels), so the model keeps its fast
+attention kernel and only the supervised rows are recomputed, with gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+from qzoom_ray.geometry import PixelBox
+
+GROUNDING_ROWS = "grounding_rows"  # (N, 2) long: batch row, query position
+GROUNDING_KEYS = "grounding_keys"  # (N, T) bool: the target key positions of each pair
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The object one question turn names: its word (one token) and its box in the view's pixels."""
+
+    word: str
+    box: PixelBox
+
+
+def box_token_cells(
+    box: PixelBox, view_wh: tuple[int, int], merged_hw: tuple[int, int], min_overlap: float = 0.25
+) -> np.ndarray:
+    """Row-major bool mask over the merged visual-token grid: the cells the box covers.
+
+    A cell counts when the box covers at least ``min_overlap`` of it; a box too small to cover any
+    cell that much gets the cell under its centre, so every grounding has a target.
+    """
+    h, w = merged_hw
+    vw, vh = view_wh
+    if vw <= 0 or vh <= 0 or h <= 0 or w <= 0:
+        raise ValueError(f"empty view {view_wh} or grid {merged_hw}")
+    # The processor resizes the whole view onto the grid, so cell units are view pixels * grid / view.
+    x0, x1 = box[0] * w / vw, box[2] * w / vw
+    y0, y1 = box[1] * h / vh, box[3] * h / vh
+    cols, rows = np.arange(w), np.arange(h)
+    cover_x = np.clip(np.minimum(cols + 1, x1) - np.maximum(cols, x0), 0, None)
+    cover_y = np.clip(np.minimum(rows + 1, y1) - np.maximum(rows, y0), 0, None)
+    mask = np.outer(cover_y, cover_x) >= min_overlap
+    if not mask.any():
+        cy = min(h - 1, max(0, math.floor((y0 + y1) / 2)))
+        cx = min(w - 1, max(0, math.floor((x0 + x1) / 2)))
+        mask[cy, cx] = True
+    return mask.reshape(-1)
+
+
+def word_token_id(tokenizer, word: str) -> int:
+    """The single token of ``word`` as it appears mid-sentence (after a space)."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"grounding word {word!r} is {len(ids)} tokens; it must be one")
+    return int(ids[0])
+
+
+def split_grounding(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remove the grounding targets from a collated batch (the model takes no such inputs)."""
+    rows = batch.pop(GROUNDING_ROWS, None)
+    keys = batch.pop(GROUNDING_KEYS, None)
+    return None if rows is None else (rows, keys)
+
+
+class GroundingLoss:
+    """Context manager: while active, every forward of the model computes the grounding loss of the
+    targets passed to :meth:`set_targets` on each supervised (layer, head), and leaves their mean in
+    :attr:`loss`. Several heads let a later layer look the object up again once the visual tokens
+    carry what one layer cannot give them (e.g. which side of the image they are on)."""
+
+    def __init__(self, layers: nn.ModuleList, heads: list[tuple[int, int]]):
+        if not heads:
+            raise ValueError("grounding needs at least one (layer, head)")
+        for layer, head in heads:
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"grounding layer {layer} does not exist (the model has {len(layers)})")
+            n_heads = layers[layer].self_attn.config.num_attention_heads
+            if not 0 <= head < n_heads:
+                raise ValueError(f"grounding head {head} does not exist (layer {layer} has {n_heads})")
+        self.layers = layers
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.loss: torch.Tensor | None = None
+        self._per_head: list[torch.Tensor] = []
+        self._targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._handles: list = []
+
+    def set_targets(self, rows: torch.Tensor, keys: torch.Tensor, pad_mask: torch.Tensor) -> None:
+        self._targets = (rows, keys, pad_mask)
+        self._per_head = []
+        self.loss = None
+
+    def __enter__(self) -> GroundingLoss:
+        for layer in sorted({layer for layer, _ in self.heads}):
+            heads = [h for lay, h in self.heads if lay == layer]
+            self._handles.append(self.layers[layer].self_attn.register_forward_pre_hook(
+                self._hook(heads), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, heads: list[int]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._targets is None or len(self._targets[0]) == 0:
+                return
+            rows, keys, pad = self._targets
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            for head in heads:
+                probs = head_row_probs(module, hidden, cos, sin, head, rows[:, 0], rows[:, 1], pad)
+                mass = (probs * keys[:, : probs.shape[1]].to(probs.dtype)).sum(-1)
+                self._per_head.append(-torch.log(mass + 1e-6).mean())
+            self.loss = torch.stack(self._per_head).mean()
+
+        return hook
+
+
+def head_row_probs(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head: int,
+    batch_idx: torch.Tensor,
+    query_pos: torch.Tensor,
+    pad_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Differentiable causal softmax attention of one head: one row per (batch row, query position), (N, S)."""
+    d = attn.head_dim
+    n_heads = attn.config.num_attention_heads
+    n_kv = attn.config.num_key_value_heads
+    kv = head // (n_heads // n_kv)  # GQA: the key head this query head reads
+    seq = hidden.shape[1]
+    x_q = hidden[batch_idx, query_pos]  # (N, D)
+    q = attn.q_proj(x_q).view(-1, n_heads, d)[:, head][:, None, None, :]  # (N, 1, 1, d)
+    k = attn.k_proj(hidden).view(hidden.shape[0], seq, n_kv, d)[:, :, kv][batch_idx][:, None]  # (N, 1, S, d)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before the rotary embedding
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, _ = apply_rotary_pos_emb(q, q, cos[batch_idx, query_pos][:, None], sin[batch_idx, query_pos][:, None])
+    _, k = apply_rotary_pos_emb(k, k, cos[batch_idx], sin[batch_idx])
+    scores = (q.float() @ k.float().transpose(-1, -2))[:, 0, 0] * (d**-0.5)  # (N, S)
+    visible = (torch.arange(seq, device=hidden.device)[None, :] <= query_pos[:, None]) & pad_mask[batch_idx].bool()
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)

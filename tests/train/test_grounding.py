@@ -1,0 +1,197 @@
+"""Grounding supervision: box -> token cells, the targets carried through encode/collate, the hooked
+head's probabilities equal eager attention's, and the loss teaches the head to look at the named shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qzoom_ray.train.data import TrainSample, collate, encode_sample
+from qzoom_ray.train.grounding import (
+    GROUNDING_KEYS,
+    GROUNDING_ROWS,
+    Grounding,
+    GroundingLoss,
+    box_token_cells,
+    head_row_probs,
+    split_grounding,
+)
+from qzoom_ray.train.synth_source import make_sample_fn, shape_groundings
+
+TINY_BASE = "qzoom_ray/assets/tiny-base"
+
+
+def test_box_token_cells_on_hand_made_boxes():
+    # A 280 x 140 view on a 10 x 5 grid: one cell is 28 x 28 view pixels.
+    whole = box_token_cells((0, 0, 280, 140), (280, 140), (5, 10))
+    assert whole.all() and whole.shape == (50,)
+    left = box_token_cells((0, 0, 140, 140), (280, 140), (5, 10)).reshape(5, 10)
+    assert left[:, :5].all() and not left[:, 5:].any()
+    # Cell (row 2, col 3) exactly, and a box a quarter of a cell wide straddling two cells.
+    one = box_token_cells((84, 56, 112, 84), (280, 140), (5, 10)).reshape(5, 10)
+    assert one.sum() == 1 and one[2, 3]
+    tiny = box_token_cells((100, 60, 104, 64), (280, 140), (5, 10)).reshape(5, 10)
+    assert tiny.sum() == 1 and tiny[2, 3]  # too small to cover a quarter: the centre's cell
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 12), st.integers(1, 12), st.integers(50, 2000), st.integers(50, 2000),
+    st.floats(0, 1), st.floats(0, 1), st.floats(0.001, 1), st.floats(0.001, 1),
+)
+def test_box_token_cells_always_has_the_centre_cell_or_a_quarter_covered_cells(h, w, vw, vh, fx, fy, fw, fh):
+    x0, y0 = fx * vw * 0.99, fy * vh * 0.99
+    box = (x0, y0, min(vw, x0 + fw * vw), min(vh, y0 + fh * vh))
+    cells = box_token_cells(box, (vw, vh), (h, w)).reshape(h, w)
+    assert cells.any()
+    # Every chosen cell overlaps the box (in grid units).
+    rows, cols = np.nonzero(cells)
+    gx0, gx1, gy0, gy1 = box[0] * w / vw, box[2] * w / vw, box[1] * h / vh, box[3] * h / vh
+    assert np.all(cols + 1 >= gx0) and np.all(cols <= gx1) and np.all(rows + 1 >= gy0) and np.all(rows <= gy1)
+
+
+@pytest.fixture(scope="module")
+def base():
+    from qzoom_ray.train.base_config import build_from_checkpoint
+
+    torch.manual_seed(0)
+    return build_from_checkpoint(TINY_BASE)
+
+
+def _scene_samples(n: int, seed: int = 0) -> list[TrainSample]:
+    sample = make_sample_fn(templates=("scene_colour", "scene_side", "scene_count"), full_budgets=(64,),
+                            ground_shapes=True)
+    rng = np.random.default_rng(seed)
+    return [sample(rng) for _ in range(n)]
+
+
+def test_scene_questions_name_their_shape_and_its_box():
+    from qzoom_ray.synth.generator import render_record
+    from qzoom_ray.synth.vocab import TEMPLATES
+
+    rec = render_record(5, split="ordinary", template="scene_colour")
+    qs = [TEMPLATES["scene_colour"].format(shape=o["kind"]) for o in rec.objects] + [TEMPLATES["scene_count"]]
+    got = shape_groundings(rec, (0, 0, rec.width, rec.height), qs)
+    assert [g.word for g in got[:-1]] == [o["kind"] for o in rec.objects] and got[-1] is None
+    assert [g.box for g in got[:-1]] == [tuple(o["box"]) for o in rec.objects]
+    # In a window the box moves with it; a shape outside the window is not grounded.
+    box = rec.objects[0]["box"]
+    window = (box[0] - 5, box[1] - 5, box[2] + 5, box[3] + 5)
+    moved = shape_groundings(rec, window, qs[:1])[0]
+    assert moved.box == (5, 5, box[2] - box[0] + 5, box[3] - box[1] + 5)
+    assert shape_groundings(rec, (0, 0, 1, 1), qs[:1]) == [None]
+
+
+def test_targets_point_from_the_shape_word_to_image_tokens(base):
+    tok, proc, _ = base
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    samples = _scene_samples(4)
+    encoded = [encode_sample(proc, s) for s in samples]
+    for s, e in zip(samples, encoded, strict=True):
+        named = [g for g in s.groundings if g is not None]
+        assert len(e["grounding"]) == len(named) > 0
+        for (query, keys), g in zip(e["grounding"], named, strict=True):
+            assert tok.convert_ids_to_tokens(int(e["input_ids"][query])) == "Ġ" + g.word
+            assert len(keys) > 0 and np.all(e["input_ids"][keys] == image_token)
+    batch = collate(encoded, int(tok.pad_token_id), image_token)
+    rows, keys = split_grounding(batch)
+    assert GROUNDING_ROWS not in batch and GROUNDING_KEYS not in batch
+    assert rows.shape == (sum(len(e["grounding"]) for e in encoded), 2) and keys.shape == (len(rows), batch["input_ids"].shape[1])
+    # A turn count that does not match the groundings is refused, not silently misaligned.
+    bad = TrainSample(samples[0].image, "What colour is the star?", "red", 64, groundings=[None, None])
+    with pytest.raises(ValueError, match="one per turn"):
+        encode_sample(proc, bad)
+
+
+def test_hooked_head_probabilities_equal_eager_attention(base):
+    tok, proc, model = base
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    # Two samples of different lengths, so the padding mask matters.
+    encoded = [encode_sample(proc, s) for s in _scene_samples(2, seed=3)]
+    batch = collate(encoded, int(tok.pad_token_id), image_token)
+    rows, _ = split_grounding(batch)
+    layers = model.model.language_model.layers
+    captured = {}
+
+    def hook(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        captured["p"] = head_row_probs(module, args[0] if args else kwargs["hidden_states"], cos, sin, 1,
+                                       rows[:, 0], rows[:, 1], batch["attention_mask"])
+
+    model.set_attn_implementation("eager")
+    try:
+        handle = layers[1].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+        handle.remove()
+    finally:
+        model.set_attn_implementation("sdpa")
+    eager = out.attentions[1][rows[:, 0], 1, rows[:, 1]]
+    torch.testing.assert_close(captured["p"], eager.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_grounding_loss_trains_only_its_path_and_moves_attention_onto_the_shape(base):
+    from qzoom_ray.train.base import chat_loss_fn
+
+    tok, proc, model = base
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    batch = collate([encode_sample(proc, s) for s in _scene_samples(6, seed=7)], int(tok.pad_token_id), image_token)
+    plain = {k: v for k, v in batch.items() if k not in (GROUNDING_ROWS, GROUNDING_KEYS)}
+    grounder = GroundingLoss(model.model.language_model.layers, [(0, 0)])
+    seen: list[float] = []
+    with torch.no_grad():
+        lm_only = chat_loss_fn(model, 0.0, grounder, seen)(dict(batch))
+        assert torch.allclose(lm_only, model(**plain).loss) and seen == []
+
+    # Only the layer-0 q/k projections: what the grounding loss reaches and nothing else does.
+    params = dict(model.named_parameters())
+    train = [n for n in params if "language_model.layers.0.self_attn." in n and (".q_proj." in n or ".k_proj." in n)]
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in train)
+    opt = torch.optim.Adam([params[n] for n in train], lr=3e-3)
+    try:
+        for _ in range(15):
+            total = chat_loss_fn(model, 1.0, grounder, seen)(dict(batch))
+            opt.zero_grad()
+            (total - model(**plain).loss.detach()).backward()
+            opt.step()
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+    assert len(seen) == 15 and seen[-1] < 0.7 * seen[0], seen
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed == set(train)
+    for n, p in params.items():  # leave the module-scoped model as it was
+        p.data.copy_(before[n])
+
+
+def test_a_grounding_layer_or_head_that_does_not_exist_is_refused(base):
+    layers = base[2].model.language_model.layers
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        GroundingLoss(layers, [(0, 0), (3, 0)])
+    with pytest.raises(ValueError, match="head 4 does not exist"):
+        GroundingLoss(layers, [(0, 4)])
+    with pytest.raises(ValueError, match="at least one"):
+        GroundingLoss(layers, [])
+    assert Grounding("star", (0, 0, 1, 1)).word == "star"
+
+
+def test_several_heads_average_their_losses(base):
+    tok, proc, model = base
+    batch = collate([encode_sample(proc, s) for s in _scene_samples(3, seed=11)], int(tok.pad_token_id),
+                    tok.convert_tokens_to_ids("<|image_pad|>"))
+    targets = split_grounding(batch)
+    layers = model.model.language_model.layers
+    single = []
+    for heads in ([(0, 0)], [(1, 2)], [(0, 0), (1, 2)]):
+        grounder = GroundingLoss(layers, heads)
+        grounder.set_targets(*targets, batch["attention_mask"])
+        with grounder, torch.no_grad():
+            model(**batch)
+        single.append(grounder.loss)
+    assert torch.isclose(single[2], (single[0] + single[1]) / 2)
+    assert not torch.isclose(single[0], single[1])
