@@ -79,24 +79,26 @@ class AttentionCapture:
                 raise RuntimeError("AttentionCapture.set_targets was not called before the forward")
             with torch.no_grad():
                 self.results[layer] = [
-                    _row_probs(module, hidden[b], cos[b], sin[b], self.heads[layer], *t)
-                    for b, t in enumerate(zip(*self._targets[:2], self._targets[2], strict=True))
+                    row_attention_probs(module, hidden[b], cos[b], sin[b], self.heads[layer], rows, pad)[:, :, keys].cpu()
+                    for b, (rows, keys, pad) in enumerate(zip(*self._targets[:2], self._targets[2], strict=True))
                 ]
 
         return hook
 
 
-def _row_probs(
+def row_attention_probs(
     attn: nn.Module,
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     heads: list[int] | None,
     rows: torch.Tensor,
-    keys: torch.Tensor,
     pad: torch.Tensor,
 ) -> torch.Tensor:
-    """Softmax attention of ``rows`` over all visible keys, for ``heads``, restricted to ``keys``: (h, r, k)."""
+    """Softmax attention of one sequence's ``rows`` over all its visible keys, for ``heads``: (h, r, seq).
+
+    Differentiable: the stage-1 labeller calls it under no_grad, the grounding loss trains through it.
+    """
     seq = x.shape[0]
     d = attn.head_dim
     q = attn.q_proj(x[rows]).view(len(rows), -1, d).transpose(0, 1)[None]  # (1, H, R, d)
@@ -111,8 +113,7 @@ def _row_probs(
     k = k[0, sel // (n_heads // n_kv)].float()  # the kv head each query head reads (GQA)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5)  # (h, R, S)
     visible = (torch.arange(seq, device=x.device)[None, :] <= rows[:, None]) & pad.bool()[None, :]
-    probs = torch.softmax(scores.masked_fill(~visible[None], float("-inf")), dim=-1)
-    return probs[:, :, keys].cpu()
+    return torch.softmax(scores.masked_fill(~visible[None], float("-inf")), dim=-1)
 
 
 def head_maps(

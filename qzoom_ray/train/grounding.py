@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from qzoom_ray.geometry import PixelBox
+from qzoom_ray.train.attention import row_attention_probs
 
 GROUNDING_ROWS = "grounding_rows"  # (N, 2) long: batch row, query position
 GROUNDING_KEYS = "grounding_keys"  # (N, T) bool: the target key positions of each pair
@@ -145,18 +145,9 @@ def head_row_probs(
     pad_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Differentiable causal softmax attention of one head: one row per (batch row, query position), (N, S)."""
-    d = attn.head_dim
-    n_heads = attn.config.num_attention_heads
-    n_kv = attn.config.num_key_value_heads
-    kv = head // (n_heads // n_kv)  # GQA: the key head this query head reads
-    seq = hidden.shape[1]
-    x_q = hidden[batch_idx, query_pos]  # (N, D)
-    q = attn.q_proj(x_q).view(-1, n_heads, d)[:, head][:, None, None, :]  # (N, 1, 1, d)
-    k = attn.k_proj(hidden).view(hidden.shape[0], seq, n_kv, d)[:, :, kv][batch_idx][:, None]  # (N, 1, S, d)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before the rotary embedding
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, _ = apply_rotary_pos_emb(q, q, cos[batch_idx, query_pos][:, None], sin[batch_idx, query_pos][:, None])
-    _, k = apply_rotary_pos_emb(k, k, cos[batch_idx], sin[batch_idx])
-    scores = (q.float() @ k.float().transpose(-1, -2))[:, 0, 0] * (d**-0.5)  # (N, S)
-    visible = (torch.arange(seq, device=hidden.device)[None, :] <= query_pos[:, None]) & pad_mask[batch_idx].bool()
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = hidden.new_zeros((len(batch_idx), hidden.shape[1]), dtype=torch.float32)
+    for b in torch.unique(batch_idx).tolist():
+        sel = (batch_idx == b).nonzero(as_tuple=True)[0]
+        probs = row_attention_probs(attn, hidden[b], cos[b], sin[b], [head], query_pos[sel], pad_mask[b])
+        out = out.index_put((sel,), probs[0])
+    return out
