@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +42,39 @@ class _Runtime:
     save: Callable[[Any, Any, dict[str, Any], bool], None]
 
 
-def chat_loss_fn(wrapped: Any, weight: float, grounder: Any, grounding_losses: list[float]):
-    """The chat phases' loss: next-token loss, plus ``weight`` x the grounding loss where the batch
-    carries groundings (the targets are always removed from the batch: the model takes no such input)."""
+@dataclass
+class Auxiliary:
+    """A train-time auxiliary loss (qzoom_ray.train.grounding): the object hooks the model while it is
+    entered and leaves its loss in ``.loss``; ``bind(batch, targets)`` says whether this batch has its
+    targets. ``losses`` collects the values for the logs."""
+
+    name: str
+    module: Any
+    weight: float
+    losses: list[float] = field(default_factory=list)
+
+
+def chat_loss_fn(wrapped: Any, auxiliaries: list[Auxiliary]):
+    """The chat phases' loss: next-token loss, plus weight x each auxiliary loss whose targets the batch
+    carries (the grounding targets are always removed from the batch: the model takes no such input)."""
+    from contextlib import ExitStack
+
     from qzoom_ray.train.grounding import split_grounding
 
     def loss_fn(batch):
         targets = split_grounding(batch)
-        if weight <= 0 or targets is None:
+        active = [a for a in auxiliaries if a.weight > 0 and a.module.bind(batch, targets)]
+        if not active:
             return wrapped(**batch).loss
-        grounder.set_targets(*targets, batch["attention_mask"])
-        with grounder:
-            lm_loss = wrapped(**batch).loss
-        if grounder.loss is None:
-            return lm_loss
-        grounding_losses.append(float(grounder.loss.detach()))
-        return lm_loss + weight * grounder.loss
+        with ExitStack() as stack:
+            for aux in active:
+                stack.enter_context(aux.module)
+            loss = wrapped(**batch).loss
+        for aux in active:
+            if aux.module.loss is not None:
+                aux.losses.append(float(aux.module.loss.detach()))
+                loss = loss + aux.weight * aux.module.loss
+        return loss
 
     return loss_fn
 
@@ -143,9 +160,11 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
             if done["kind"] == "vision":
                 acc = vision_model()[1].last_accuracy
                 extra = " token accuracy " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
-            elif grounding_losses:
-                recent = grounding_losses[-cfg.log_every :]
-                extra = f" (grounding {sum(recent) / len(recent):.4f}, in the loss x{done['grounding_weight']})"
+            else:
+                for aux in done["auxiliaries"]:
+                    if aux.losses:
+                        recent = aux.losses[-cfg.log_every :]
+                        extra += f" ({aux.name} {sum(recent) / len(recent):.4f}, in the loss x{aux.weight})"
             logger.warning("[%s] step %d (total %d) loss %.4f lr %.2e%s", done["phase"], step, total, loss, lr, extra)
             if heldout and done["kind"] == "chat" and total % cfg.heldout_every < cfg.log_every:
                 check_heldout(total)
@@ -157,15 +176,26 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         TrainPhase(name="main", minutes=cfg.max_minutes or 1e9, lr=cfg.lr, source_kwargs={})
     ]
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    grounder = None
+    hidden_size = model.config.text_config.hidden_size
+    decoder_layers = model.model.language_model.layers
+    aux_modules: dict[str, Any] = {}  # built once: each phase sets its own weights
     if any(p.grounding_weight > 0 for p in phases):
         from qzoom_ray.train.grounding import GroundingLoss
 
-        grounder = GroundingLoss(model.model.language_model.layers, cfg.grounding_heads)
+        aux_modules["grounding"] = GroundingLoss(decoder_layers, cfg.grounding_heads)
+    if any(p.location_weight > 0 for p in phases):
+        from qzoom_ray.train.grounding import LocationReadout
+
+        aux_modules["location"] = LocationReadout(decoder_layers, cfg.location_readout_layer, hidden_size).to(device)
+    if any(p.token_position_weight > 0 for p in phases):
+        from qzoom_ray.train.grounding import TokenPositionReadout
+
+        aux_modules["token_position"] = TokenPositionReadout(
+            decoder_layers, cfg.token_position_layer, hidden_size, int(model.config.image_token_id)).to(device)
+    done["auxiliaries"] = []
     t_start = time.time()
     stats = LoopStats()
     phase_log: list[dict[str, Any]] = []
-    grounding_losses: list[float] = []
 
     def metrics() -> dict[str, Any]:
         n = max(1, min(len(stats.losses), cfg.log_every))
@@ -185,8 +215,10 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         if done["steps"] >= cfg.steps or (left_s is not None and left_s <= 0):
             break
         done["phase"], done["kind"] = phase.name, phase.kind
-        done["grounding_weight"] = phase.grounding_weight
-        grounding_losses.clear()
+        weights = {"grounding": phase.grounding_weight, "location": phase.location_weight,
+                   "token_position": phase.token_position_weight}
+        done["auxiliaries"] = [Auxiliary(name, aux_modules[name], weights[name])
+                               for name in aux_modules if weights[name] > 0 and phase.kind == "chat"]
         seconds = phase.minutes * 60 if cfg.phases else None
         if left_s is not None:
             seconds = min(seconds, left_s) if seconds else left_s
@@ -215,7 +247,10 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
                     p.requires_grad_(not frozen(n, phase))
             params = [p for n, p in wrapped.named_parameters() if not frozen(n, phase)]
 
-            loss_fn = chat_loss_fn(wrapped, phase.grounding_weight, grounder, grounding_losses)
+            for aux in done["auxiliaries"]:
+                if isinstance(aux.module, torch.nn.Module):
+                    params += list(aux.module.parameters())  # train-only heads learn with the model
+            loss_fn = chat_loss_fn(wrapped, done["auxiliaries"])
 
         part = train_loop(params, loss_fn, stream, loop, on_log=log)
         del stream  # stops this phase's data workers
@@ -226,9 +261,10 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         phase_log.append({"name": phase.name, "kind": phase.kind, "steps": len(part.losses),
                           "seconds": round(part.seconds, 1), "samples": part.samples,
                           "final_loss": sum(part.losses[-cfg.log_every :]) / max(1, min(len(part.losses), cfg.log_every))})
-        if grounding_losses:
-            recent = grounding_losses[-cfg.log_every :]
-            phase_log[-1]["final_grounding_loss"] = sum(recent) / len(recent)
+        for aux in done["auxiliaries"]:
+            if aux.losses:
+                recent = aux.losses[-cfg.log_every :]
+                phase_log[-1][f"final_{aux.name}_loss"] = sum(recent) / len(recent)
         if heldout and cfg.phases and phase.kind == "chat":
             check_heldout(done["steps"])
         if i + 1 < len(phases):

@@ -56,6 +56,16 @@ class TrainPhase(StrictModel):
         0.0, ge=0, description="chat phases: weight of the grounding loss (qzoom_ray.train.grounding) on the samples' "
         "groundings (a source must attach them, e.g. synth_source's ground_shapes: true); 0 turns it off."
     )
+    location_weight: float = Field(
+        0.0, ge=0, description="chat phases: weight of the location read-out (qzoom_ray.train.grounding."
+        "LocationReadout): a train-only linear head predicts the named object's box centre from its word's state "
+        "after decoder layer location_readout_layer; needs groundings like grounding_weight; 0 turns it off."
+    )
+    token_position_weight: float = Field(
+        0.0, ge=0, description="chat phases: weight of the token-position read-out (qzoom_ray.train.grounding."
+        "TokenPositionReadout): a train-only linear head predicts each visual token's place in the view from its "
+        "state after decoder layer token_position_layer (self-supervised); 0 turns it off."
+    )
 
 
 VISION_SOURCE = "qzoom_ray.train.vision_source:make_dense_view_fn"
@@ -106,6 +116,14 @@ class TrainBaseConfig(StrictModel):
         description="(decoder layer, head) pairs whose attention from the named word the grounding loss supervises "
         "(layer 0: the word's own embedding is the query, which learns fastest; a later layer looks the object up "
         "again once its tokens know their place in the image).",
+    )
+    location_readout_layer: int = Field(
+        1, ge=0, description="Decoder layer after which the location read-out reads the named word's state (layer 1: "
+        "the one whose grounded head looked the object up again)."
+    )
+    token_position_layer: int = Field(
+        0, ge=0, description="Decoder layer after which the token-position read-out reads the visual tokens (layer 0: "
+        "so that the next layer's lookup finds the place in them)."
     )
     phases: list[TrainPhase] = Field(
         default_factory=list,

@@ -18,9 +18,11 @@ import torch
 
 from qzoom_ray.model.processor import build_prompt, image_size_kwargs
 from qzoom_ray.train.grounding import (
+    GROUNDING_CENTRES,
     GROUNDING_KEYS,
     GROUNDING_ROWS,
     Grounding,
+    box_centre,
     box_token_cells,
     word_token_id,
 )
@@ -75,8 +77,9 @@ def encode_sample(processor: Any, sample: TrainSample) -> dict[str, Any]:
 def grounding_pairs(
     tokenizer: Any, sample: TrainSample, pieces: list[tuple[np.ndarray, bool]], grid_thw: np.ndarray
 ) -> list[tuple[int, np.ndarray]]:
-    """(query position, target key positions) per grounded turn: the last occurrence of the named word
-    in that turn's prompt piece, and the image tokens the object's box covers."""
+    """(query position, target key positions, box centre) per grounded turn: the last occurrence of the
+    named word in that turn's prompt piece, the image tokens the object's box covers, and the box's
+    centre as (x, y) fractions of the view (the location read-out's target)."""
     turns = 1 + len(sample.more_turns)
     if len(sample.groundings) != turns:
         raise ValueError(f"{len(sample.groundings)} groundings for {turns} turns; give one per turn (None allowed)")
@@ -95,7 +98,7 @@ def grounding_pairs(
         if len(hits) == 0:
             raise ValueError(f"turn {turn} names {grounding.word!r} but its prompt does not contain it")
         cells = box_token_cells(grounding.box, sample.image.size, merged_hw)
-        out.append((int(offsets[prompt_piece] + hits[-1]), image_pos[cells]))
+        out.append((int(offsets[prompt_piece] + hits[-1]), image_pos[cells], box_centre(grounding.box, sample.image.size)))
     return out
 
 
@@ -118,12 +121,13 @@ def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> 
         "image_grid_thw": torch.from_numpy(np.stack([e["image_grid_thw"] for e in encoded])),
         "mm_token_type_ids": (ids == image_token_id).to(torch.int32),
     }
-    pairs = [(b, q, keys) for b, e in enumerate(encoded) for q, keys in e.get("grounding", [])]
+    pairs = [(b, q, keys, centre) for b, e in enumerate(encoded) for q, keys, centre in e.get("grounding", [])]
     if pairs:  # tensors, so that data workers and to_device pass them through like the rest
-        batch[GROUNDING_ROWS] = torch.tensor([[b, q] for b, q, _ in pairs], dtype=torch.long)
+        batch[GROUNDING_ROWS] = torch.tensor([[b, q] for b, q, _, _ in pairs], dtype=torch.long)
         batch[GROUNDING_KEYS] = torch.zeros((len(pairs), width), dtype=torch.bool)
-        for i, (_, _, keys) in enumerate(pairs):
+        for i, (_, _, keys, _) in enumerate(pairs):
             batch[GROUNDING_KEYS][i, torch.from_numpy(keys)] = True
+        batch[GROUNDING_CENTRES] = torch.tensor([c for _, _, _, c in pairs], dtype=torch.float32)
     return batch
 
 

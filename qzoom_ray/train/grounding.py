@@ -28,6 +28,7 @@ from qzoom_ray.train.attention import row_attention_probs
 
 GROUNDING_ROWS = "grounding_rows"  # (N, 2) long: batch row, query position
 GROUNDING_KEYS = "grounding_keys"  # (N, T) bool: the target key positions of each pair
+GROUNDING_CENTRES = "grounding_centres"  # (N, 2) float: the object's box centre, (x, y) fractions of the view
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ def box_token_cells(
     return mask.reshape(-1)
 
 
+def box_centre(box: PixelBox, view_wh: tuple[int, int]) -> tuple[float, float]:
+    """The box's centre as (x, y) fractions of the view, clipped to [0, 1]."""
+    vw, vh = view_wh
+    if vw <= 0 or vh <= 0:
+        raise ValueError(f"empty view {view_wh}")
+    cx = (box[0] + box[2]) / 2 / vw
+    cy = (box[1] + box[3]) / 2 / vh
+    return (min(1.0, max(0.0, float(cx))), min(1.0, max(0.0, float(cy))))
+
+
 def word_token_id(tokenizer, word: str) -> int:
     """The single token of ``word`` as it appears mid-sentence (after a space)."""
     ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
@@ -72,11 +83,13 @@ def word_token_id(tokenizer, word: str) -> int:
     return int(ids[0])
 
 
-def split_grounding(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Remove the grounding targets from a collated batch (the model takes no such inputs)."""
+def split_grounding(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Remove the grounding targets from a collated batch (the model takes no such inputs):
+    (rows, keys, centres), or None when the batch has none."""
     rows = batch.pop(GROUNDING_ROWS, None)
     keys = batch.pop(GROUNDING_KEYS, None)
-    return None if rows is None else (rows, keys)
+    centres = batch.pop(GROUNDING_CENTRES, None)
+    return None if rows is None else (rows, keys, centres)
 
 
 class GroundingLoss:
@@ -106,6 +119,13 @@ class GroundingLoss:
         self._per_head = []
         self.loss = None
 
+    def bind(self, batch: dict[str, torch.Tensor], targets: tuple | None) -> bool:
+        """Take this batch's targets (from :func:`split_grounding`); False when it has none."""
+        if targets is None:
+            return False
+        self.set_targets(targets[0], targets[1], batch["attention_mask"])
+        return True
+
     def __enter__(self) -> GroundingLoss:
         for layer in sorted({layer for layer, _ in self.heads}):
             heads = [h for lay, h in self.heads if lay == layer]
@@ -132,6 +152,125 @@ class GroundingLoss:
             self.loss = torch.stack(self._per_head).mean()
 
         return hook
+
+
+class PlaceReadout(nn.Module):
+    """A train-only linear head on the hidden states after one decoder layer, predicting a place in the
+    view as (x, y) fractions; while entered, a forward hook on that layer leaves the squared error on
+    the rows :meth:`_pick` chooses in :attr:`loss`. Not part of the model, never saved."""
+
+    def __init__(self, layers: nn.ModuleList, layer: int, hidden_size: int):
+        super().__init__()
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"read-out layer {layer} does not exist (the model has {len(layers)})")
+        self.layers = [layers]  # a list, so the decoder's parameters are not registered as this head's
+        self.layer = int(layer)
+        self.head = nn.Linear(hidden_size, 2)
+        self.loss: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> PlaceReadout:
+        self._handle = self.layers[0][self.layer].register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Normalised first: the residual stream's scale grows with depth and would saturate the sigmoid.
+        hidden = hidden.to(self.head.weight.dtype)
+        return torch.sigmoid(self.head(nn.functional.layer_norm(hidden, hidden.shape[-1:])))
+
+    def _pick(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(states, target places) of this batch, or None when there is nothing to supervise."""
+        raise NotImplementedError
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        picked = self._pick(output[0] if isinstance(output, tuple) else output)
+        if picked is not None:
+            states, places = picked
+            self.loss = ((self.predict(states) - places.to(states.device, torch.float32)) ** 2).sum(-1).mean()
+
+
+class LocationReadout(PlaceReadout):
+    """Where is the object the question names? From the named word's hidden state after one decoder
+    layer, the object's box centre; :attr:`loss` is the squared error, the mean over the groundings.
+
+    Why: the side of the image a visual token lies on is computed in decoder layer 0 (linear probes on
+    the image tokens: 0.72-0.84), and the grounded head of layer 1 looks the named shape up from its
+    word, yet the word's own state never came to carry the side (a probe on it: 0.56-0.69, majority
+    0.56), so "Is the red star on the left or the right?" stayed at the majority answer.
+    """
+
+    def __init__(self, layers: nn.ModuleList, layer: int, hidden_size: int):
+        super().__init__(layers, layer, hidden_size)
+        self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_targets(self, rows: torch.Tensor, centres: torch.Tensor) -> None:
+        self._targets = (rows, centres)
+        self.loss = None
+
+    def bind(self, batch: dict[str, torch.Tensor], targets: tuple | None) -> bool:
+        if targets is None or targets[2] is None:
+            return False
+        self.set_targets(targets[0], targets[2])
+        return True
+
+    def _pick(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._targets is None or len(self._targets[0]) == 0:
+            return None
+        rows, centres = self._targets
+        return hidden[rows[:, 0], rows[:, 1]], centres
+
+
+def image_token_xy(
+    input_ids: torch.Tensor, grid_thw: torch.Tensor, image_token_id: int, merge: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch rows, positions, (x, y) centres as fractions of the view) of every visual token, one image
+    per batch row; the merged tokens run row-major over the merged grid, as the processor orders them."""
+    rows, pos, xy = [], [], []
+    for b in range(input_ids.shape[0]):
+        where = (input_ids[b] == image_token_id).nonzero(as_tuple=True)[0]
+        h, w = int(grid_thw[b, 1]) // merge, int(grid_thw[b, 2]) // merge
+        if len(where) != h * w:
+            raise ValueError(f"batch row {b} has {len(where)} image tokens for a {h}x{w} merged grid (one image per row)")
+        i = torch.arange(h * w, device=input_ids.device)
+        rows.append(torch.full_like(where, b))
+        pos.append(where)
+        xy.append(torch.stack([(i % w + 0.5) / w, (i // w + 0.5) / h], -1))
+    return torch.cat(rows), torch.cat(pos), torch.cat(xy).float()
+
+
+class TokenPositionReadout(PlaceReadout):
+    """Self-supervised: every visual token's hidden state after one decoder layer predicts where that
+    token lies in the view; :attr:`loss` is the mean squared error over the batch's visual tokens.
+
+    Why: Qwen2.5-VL's visual tokens carry no absolute position, only rotary (relative) phases; the side
+    of the image a token is on must be computed by the decoder (attending to the text before the image
+    at a column-dependent phase). The tiny base computed it only weakly (a linear probe for the half:
+    0.72-0.84 per token), too weakly for a looked-up shape to carry it to the answer. No labels are
+    needed: the grid is the target.
+    """
+
+    def __init__(self, layers: nn.ModuleList, layer: int, hidden_size: int, image_token_id: int):
+        super().__init__(layers, layer, hidden_size)
+        self.image_token_id = int(image_token_id)
+        self._targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def bind(self, batch: dict[str, torch.Tensor], targets: tuple | None = None) -> bool:
+        if "image_grid_thw" not in batch or not bool((batch["input_ids"] == self.image_token_id).any()):
+            return False
+        self._targets = image_token_xy(batch["input_ids"], batch["image_grid_thw"], self.image_token_id)
+        self.loss = None
+        return True
+
+    def _pick(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._targets is None:
+            return None
+        rows, pos, xy = self._targets
+        return hidden[rows, pos], xy
 
 
 def head_row_probs(

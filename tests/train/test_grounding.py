@@ -11,12 +11,17 @@ from hypothesis import strategies as st
 
 from qzoom_ray.train.data import TrainSample, collate, encode_sample
 from qzoom_ray.train.grounding import (
+    GROUNDING_CENTRES,
     GROUNDING_KEYS,
     GROUNDING_ROWS,
     Grounding,
     GroundingLoss,
+    LocationReadout,
+    TokenPositionReadout,
+    box_centre,
     box_token_cells,
     head_row_probs,
+    image_token_xy,
     split_grounding,
 )
 from qzoom_ray.train.synth_source import make_sample_fn, shape_groundings
@@ -93,13 +98,15 @@ def test_targets_point_from_the_shape_word_to_image_tokens(base):
     for s, e in zip(samples, encoded, strict=True):
         named = [g for g in s.groundings if g is not None]
         assert len(e["grounding"]) == len(named) > 0
-        for (query, keys), g in zip(e["grounding"], named, strict=True):
+        for (query, keys, centre), g in zip(e["grounding"], named, strict=True):
             assert tok.convert_ids_to_tokens(int(e["input_ids"][query])) == "Ġ" + g.word
             assert len(keys) > 0 and np.all(e["input_ids"][keys] == image_token)
+            assert centre == box_centre(g.box, s.image.size)
     batch = collate(encoded, int(tok.pad_token_id), image_token)
-    rows, keys = split_grounding(batch)
-    assert GROUNDING_ROWS not in batch and GROUNDING_KEYS not in batch
+    rows, keys, centres = split_grounding(batch)
+    assert GROUNDING_ROWS not in batch and GROUNDING_KEYS not in batch and GROUNDING_CENTRES not in batch
     assert rows.shape == (sum(len(e["grounding"]) for e in encoded), 2) and keys.shape == (len(rows), batch["input_ids"].shape[1])
+    assert centres.shape == (len(rows), 2) and bool(((centres >= 0) & (centres <= 1)).all())
     # A turn count that does not match the groundings is refused, not silently misaligned.
     bad = TrainSample(samples[0].image, "What colour is the star?", "red", 64, groundings=[None, None])
     with pytest.raises(ValueError, match="one per turn"):
@@ -112,7 +119,7 @@ def test_hooked_head_probabilities_equal_eager_attention(base):
     # Two samples of different lengths, so the padding mask matters.
     encoded = [encode_sample(proc, s) for s in _scene_samples(2, seed=3)]
     batch = collate(encoded, int(tok.pad_token_id), image_token)
-    rows, _ = split_grounding(batch)
+    rows = split_grounding(batch)[0]
     layers = model.model.language_model.layers
     captured = {}
 
@@ -134,17 +141,17 @@ def test_hooked_head_probabilities_equal_eager_attention(base):
 
 
 def test_grounding_loss_trains_only_its_path_and_moves_attention_onto_the_shape(base):
-    from qzoom_ray.train.base import chat_loss_fn
+    from qzoom_ray.train.base import Auxiliary, chat_loss_fn
 
     tok, proc, model = base
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     batch = collate([encode_sample(proc, s) for s in _scene_samples(6, seed=7)], int(tok.pad_token_id), image_token)
-    plain = {k: v for k, v in batch.items() if k not in (GROUNDING_ROWS, GROUNDING_KEYS)}
+    plain = {k: v for k, v in batch.items() if k not in (GROUNDING_ROWS, GROUNDING_KEYS, GROUNDING_CENTRES)}
     grounder = GroundingLoss(model.model.language_model.layers, [(0, 0)])
-    seen: list[float] = []
+    off, on = Auxiliary("grounding", grounder, 0.0), Auxiliary("grounding", grounder, 1.0)
     with torch.no_grad():
-        lm_only = chat_loss_fn(model, 0.0, grounder, seen)(dict(batch))
-        assert torch.allclose(lm_only, model(**plain).loss) and seen == []
+        lm_only = chat_loss_fn(model, [off])(dict(batch))
+        assert torch.allclose(lm_only, model(**plain).loss) and off.losses == []
 
     # Only the layer-0 q/k projections: what the grounding loss reaches and nothing else does.
     params = dict(model.named_parameters())
@@ -155,13 +162,14 @@ def test_grounding_loss_trains_only_its_path_and_moves_attention_onto_the_shape(
     opt = torch.optim.Adam([params[n] for n in train], lr=3e-3)
     try:
         for _ in range(15):
-            total = chat_loss_fn(model, 1.0, grounder, seen)(dict(batch))
+            total = chat_loss_fn(model, [on])(dict(batch))
             opt.zero_grad()
             (total - model(**plain).loss.detach()).backward()
             opt.step()
     finally:
         for p in params.values():
             p.requires_grad_(True)
+    seen = on.losses
     assert len(seen) == 15 and seen[-1] < 0.7 * seen[0], seen
     changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
     assert changed == set(train)
@@ -189,9 +197,100 @@ def test_several_heads_average_their_losses(base):
     single = []
     for heads in ([(0, 0)], [(1, 2)], [(0, 0), (1, 2)]):
         grounder = GroundingLoss(layers, heads)
-        grounder.set_targets(*targets, batch["attention_mask"])
+        grounder.set_targets(targets[0], targets[1], batch["attention_mask"])
         with grounder, torch.no_grad():
             model(**batch)
         single.append(grounder.loss)
     assert torch.isclose(single[2], (single[0] + single[1]) / 2)
     assert not torch.isclose(single[0], single[1])
+
+
+def test_box_centre_is_a_fraction_of_the_view():
+    assert box_centre((0, 0, 100, 50), (200, 100)) == (0.25, 0.25)
+    assert box_centre((150, 60, 250, 140), (200, 100)) == (1.0, 1.0)  # clipped where the box leaves the view
+    with pytest.raises(ValueError, match="empty view"):
+        box_centre((0, 0, 1, 1), (0, 10))
+
+
+def test_location_readout_trains_the_layers_up_to_its_own_and_is_not_part_of_the_model(base):
+    from qzoom_ray.train.base import Auxiliary, chat_loss_fn
+
+    tok, proc, model = base
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    batch = collate([encode_sample(proc, s) for s in _scene_samples(6, seed=5)], int(tok.pad_token_id), image_token)
+    plain = {k: v for k, v in batch.items() if k not in (GROUNDING_ROWS, GROUNDING_KEYS, GROUNDING_CENTRES)}
+    layers = model.model.language_model.layers
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        LocationReadout(layers, 3, model.config.text_config.hidden_size)
+    torch.manual_seed(1)
+    readout = LocationReadout(layers, 0, model.config.text_config.hidden_size)
+    # Its own parameters only: the decoder it hooks stays the model's.
+    assert {n for n, _ in readout.named_parameters()} == {"head.weight", "head.bias"}
+    aux = [Auxiliary("grounding", GroundingLoss(layers, [(0, 0)]), 0.0), Auxiliary("location", readout, 1.0)]
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    # Layers 1 and 2 come after the read-out: the loss cannot reach them.
+    train = [n for n in params if "language_model.layers.0." in n or "language_model.layers.1." in n]
+    for n, p in params.items():
+        p.requires_grad_(n in train)
+    opt = torch.optim.Adam([params[n] for n in train] + list(readout.parameters()), lr=3e-3)
+    try:
+        for _ in range(20):
+            total = chat_loss_fn(model, aux)(dict(batch))
+            assert torch.isclose(total.detach(), model(**plain).loss.detach() + readout.loss.detach())
+            opt.zero_grad()
+            readout.loss.backward()  # the read-out's own gradient: the next-token loss reaches every layer
+            opt.step()
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+    seen = aux[1].losses
+    assert aux[0].losses == [] and len(seen) == 20 and seen[-1] < 0.5 * seen[0], seen
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed and all("language_model.layers.0." in n for n in changed), changed
+    assert not any(k.startswith("head.") for k in model.state_dict())
+    for n, p in params.items():  # leave the module-scoped model as it was
+        p.data.copy_(before[n])
+
+
+def test_image_token_xy_runs_row_major_over_the_merged_grid():
+    # Row 0: two text tokens, a 2x3 merged grid (grid_thw 1x4x6), one text token; row 1: a 1x2 grid, padded.
+    ids = torch.tensor([[5, 5, 9, 9, 9, 9, 9, 9, 5], [5, 9, 9, 5, 0, 0, 0, 0, 0]])
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    rows, pos, xy = image_token_xy(ids, grid, image_token_id=9)
+    assert rows.tolist() == [0] * 6 + [1] * 2 and pos.tolist() == [2, 3, 4, 5, 6, 7, 1, 2]
+    expected = [[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75], [0.25, 0.5], [0.75, 0.5]]
+    torch.testing.assert_close(xy, torch.tensor(expected))
+    with pytest.raises(ValueError, match="one image per row"):
+        image_token_xy(ids, torch.tensor([[1, 4, 4], [1, 2, 4]]), image_token_id=9)
+
+
+def test_token_position_readout_teaches_layer_0_where_each_visual_token_lies(base):
+    from qzoom_ray.train.base import Auxiliary, chat_loss_fn
+
+    tok, proc, model = base
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    batch = collate([encode_sample(proc, s) for s in _scene_samples(4, seed=9)], int(tok.pad_token_id), image_token)
+    layers = model.model.language_model.layers
+    torch.manual_seed(2)
+    readout = TokenPositionReadout(layers, 0, model.config.text_config.hidden_size, image_token)
+    assert not readout.bind({"input_ids": torch.tensor([[1, 2]])})  # no image: nothing to supervise
+    aux = Auxiliary("token_position", readout, 1.0)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    train = [n for n in params if "language_model.layers.0." in n]
+    for n, p in params.items():
+        p.requires_grad_(n in train)
+    opt = torch.optim.Adam([params[n] for n in train] + list(readout.parameters()), lr=3e-3)
+    try:
+        for _ in range(20):
+            chat_loss_fn(model, [aux])(dict(batch))
+            opt.zero_grad()
+            readout.loss.backward()
+            opt.step()
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+    assert len(aux.losses) == 20 and aux.losses[-1] < 0.5 * aux.losses[0], aux.losses
+    for n, p in params.items():  # leave the module-scoped model as it was
+        p.data.copy_(before[n])
