@@ -59,10 +59,10 @@ def chat_loss_fn(wrapped: Any, auxiliaries: list[Auxiliary]):
     carries (the grounding targets are always removed from the batch: the model takes no such input)."""
     from contextlib import ExitStack
 
-    from qzoom_ray.train.grounding import split_grounding
+    from qzoom_ray.train.grounding import split_targets
 
     def loss_fn(batch):
-        targets = split_grounding(batch)
+        targets = split_targets(batch)
         active = [a for a in auxiliaries if a.weight > 0 and a.module.bind(batch, targets)]
         if not active:
             return wrapped(**batch).loss
@@ -192,6 +192,15 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
 
         aux_modules["token_position"] = TokenPositionReadout(
             decoder_layers, cfg.token_position_layer, hidden_size, int(model.config.image_token_id)).to(device)
+    if any(p.count_weight > 0 for p in phases):
+        from qzoom_ray.train.grounding import CountReadout
+
+        aux_modules["count"] = CountReadout(decoder_layers, cfg.count_readout_layer, hidden_size).to(device)
+    if any(p.object_centre_weight > 0 for p in phases):
+        from qzoom_ray.train.grounding import ObjectCentreReadout
+
+        aux_modules["object_centre"] = ObjectCentreReadout(
+            decoder_layers, cfg.object_centre_layer, hidden_size, int(model.config.image_token_id)).to(device)
     done["auxiliaries"] = []
     t_start = time.time()
     stats = LoopStats()
@@ -216,7 +225,8 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
             break
         done["phase"], done["kind"] = phase.name, phase.kind
         weights = {"grounding": phase.grounding_weight, "location": phase.location_weight,
-                   "token_position": phase.token_position_weight}
+                   "token_position": phase.token_position_weight, "count": phase.count_weight,
+                   "object_centre": phase.object_centre_weight}
         done["auxiliaries"] = [Auxiliary(name, aux_modules[name], weights[name])
                                for name in aux_modules if weights[name] > 0 and phase.kind == "chat"]
         seconds = phase.minutes * 60 if cfg.phases else None

@@ -66,6 +66,18 @@ class TrainPhase(StrictModel):
         "TokenPositionReadout): a train-only linear head predicts each visual token's place in the view from its "
         "state after decoder layer token_position_layer (self-supervised); 0 turns it off."
     )
+    count_weight: float = Field(
+        0.0, ge=0, description="chat phases: weight of the count read-out (qzoom_ray.train.grounding.CountReadout): "
+        "a train-only linear head predicts the count a question asks for from the counted word's state after "
+        "decoder layer count_readout_layer; needs a source that attaches counts (synth_source's count_objects: "
+        "true); 0 turns it off."
+    )
+    object_centre_weight: float = Field(
+        0.0, ge=0, description="chat phases: weight of the object-centre read-out (qzoom_ray.train.grounding."
+        "ObjectCentreReadout): each visual token's state after decoder layer object_centre_layer says whether a "
+        "countable object's centre lies in its cell; needs a source that attaches objects (count_objects: true); "
+        "0 turns it off."
+    )
 
 
 VISION_SOURCE = "qzoom_ray.train.vision_source:make_dense_view_fn"
@@ -124,6 +136,13 @@ class TrainBaseConfig(StrictModel):
     token_position_layer: int = Field(
         0, ge=0, description="Decoder layer after which the token-position read-out reads the visual tokens (layer 0: "
         "so that the next layer's lookup finds the place in them)."
+    )
+    count_readout_layer: int = Field(
+        1, ge=0, description="Decoder layer after which the count read-out reads the counted word's state."
+    )
+    object_centre_layer: int = Field(
+        0, ge=0, description="Decoder layer after which the object-centre read-out reads the visual tokens (layer 0: "
+        "so that the next layer can add them up)."
     )
     phases: list[TrainPhase] = Field(
         default_factory=list,

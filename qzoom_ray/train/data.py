@@ -16,14 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from qzoom_ray.geometry import PixelBox
 from qzoom_ray.model.processor import build_prompt, image_size_kwargs
 from qzoom_ray.train.grounding import (
+    COUNT_ROWS,
+    COUNT_VALUES,
     GROUNDING_CENTRES,
     GROUNDING_KEYS,
     GROUNDING_ROWS,
+    OBJECT_CENTRES,
     Grounding,
     box_centre,
     box_token_cells,
+    object_centre_cells,
     word_token_id,
 )
 
@@ -41,6 +46,12 @@ class TrainSample:
     # Per turn (first, then more_turns), the object the question names, for grounding supervision
     # (qzoom_ray.train.grounding); empty, or one entry per turn with None where nothing is named.
     groundings: list[Grounding | None] = field(default_factory=list)
+    # Per turn, (the counted word, how many the view shows) where the question asks for a count, for the
+    # count read-out; empty, or one entry per turn with None elsewhere.
+    counts: list[tuple[str, int] | None] = field(default_factory=list)
+    # The boxes (view pixels) of every countable object in the view, for the object-centre read-out;
+    # None: no such targets ([] is a target: nothing to count here).
+    objects: list[PixelBox] | None = None
 
 
 SampleFn = Callable[[np.random.Generator], TrainSample]
@@ -71,7 +82,32 @@ def encode_sample(processor: Any, sample: TrainSample) -> dict[str, Any]:
     }
     if sample.groundings:
         encoded["grounding"] = grounding_pairs(tok, sample, pieces, encoded["image_grid_thw"])
+    if sample.counts:
+        encoded["count"] = count_pairs(tok, sample, pieces)
+    if sample.objects is not None:
+        merge = 2  # Qwen2.5-VL merges 2x2 patches into one visual token
+        grid = encoded["image_grid_thw"]
+        encoded["object_centres"] = object_centre_cells(
+            sample.objects, sample.image.size, (int(grid[1]) // merge, int(grid[2]) // merge))
     return encoded
+
+
+def _word_position(tokenizer: Any, pieces: list[tuple[np.ndarray, bool]], turn: int, word: str) -> int:
+    """Position in the whole sequence of the last occurrence of ``word`` in ``turn``'s prompt piece."""
+    prompt_piece = 2 * turn  # pieces alternate prompt, answer
+    hits = np.nonzero(pieces[prompt_piece][0] == word_token_id(tokenizer, word))[0]
+    if len(hits) == 0:
+        raise ValueError(f"turn {turn} names {word!r} but its prompt does not contain it")
+    return int(sum(len(p) for p, _ in pieces[:prompt_piece]) + hits[-1])
+
+
+def count_pairs(tokenizer: Any, sample: TrainSample, pieces: list[tuple[np.ndarray, bool]]) -> list[tuple[int, int]]:
+    """(position of the counted word, count) per counting turn: the count read-out's targets."""
+    turns = 1 + len(sample.more_turns)
+    if len(sample.counts) != turns:
+        raise ValueError(f"{len(sample.counts)} counts for {turns} turns; give one per turn (None allowed)")
+    return [(_word_position(tokenizer, pieces, turn, c[0]), int(c[1]))
+            for turn, c in enumerate(sample.counts) if c is not None]
 
 
 def grounding_pairs(
@@ -87,18 +123,13 @@ def grounding_pairs(
     merge = 2  # Qwen2.5-VL merges 2x2 patches into one visual token
     merged_hw = (int(grid_thw[1]) // merge, int(grid_thw[2]) // merge)
     image_pos = np.nonzero(pieces[0][0] == image_token_id)[0]
-    offsets = np.cumsum([0] + [len(p) for p, _ in pieces])
     out = []
     for turn, grounding in enumerate(sample.groundings):
         if grounding is None:
             continue
-        prompt_piece = 2 * turn  # pieces alternate prompt, answer
-        word = word_token_id(tokenizer, grounding.word)
-        hits = np.nonzero(pieces[prompt_piece][0] == word)[0]
-        if len(hits) == 0:
-            raise ValueError(f"turn {turn} names {grounding.word!r} but its prompt does not contain it")
         cells = box_token_cells(grounding.box, sample.image.size, merged_hw)
-        out.append((int(offsets[prompt_piece] + hits[-1]), image_pos[cells], box_centre(grounding.box, sample.image.size)))
+        out.append((_word_position(tokenizer, pieces, turn, grounding.word), image_pos[cells],
+                    box_centre(grounding.box, sample.image.size)))
     return out
 
 
@@ -128,6 +159,15 @@ def collate(encoded: list[dict[str, Any]], pad_id: int, image_token_id: int) -> 
         for i, (_, _, keys, _) in enumerate(pairs):
             batch[GROUNDING_KEYS][i, torch.from_numpy(keys)] = True
         batch[GROUNDING_CENTRES] = torch.tensor([c for _, _, _, c in pairs], dtype=torch.float32)
+    counts = [(b, q, n) for b, e in enumerate(encoded) for q, n in e.get("count", [])]
+    if counts:
+        batch[COUNT_ROWS] = torch.tensor([[b, q] for b, q, _ in counts], dtype=torch.long)
+        batch[COUNT_VALUES] = torch.tensor([n for _, _, n in counts], dtype=torch.float32)
+    if any("object_centres" in e for e in encoded):  # per visual token, in image_token_xy's order
+        batch[OBJECT_CENTRES] = torch.from_numpy(np.concatenate([
+            e["object_centres"] if "object_centres" in e
+            else np.full(int(np.prod(e["image_grid_thw"])) // 4, -1.0, dtype=np.float32)
+            for e in encoded]))
     return batch
 
 

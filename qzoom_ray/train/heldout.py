@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from qzoom_ray.train.data import IGNORE_INDEX, TrainSample, collate, encode_sample
-from qzoom_ray.train.grounding import split_grounding
+from qzoom_ray.train.grounding import split_targets
 
 TOKEN_PX = 28
 
@@ -66,7 +66,7 @@ def teacher_forced_accuracy(model: Any, processor: Any, views: list[tuple[str, T
         idx = order[start : start + batch_size]
         batch = collate([encode_sample(processor, views[i][1]) for i in idx], int(tok.pad_token_id), image_token_id)
         labels = batch.pop("labels")
-        split_grounding(batch)
+        split_targets(batch)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         pred = logits[:, :-1].argmax(-1).cpu()
         target = labels[:, 1:]

@@ -115,6 +115,29 @@ def shape_groundings(rec: SynthRecord, window: Box, questions: list[str]) -> lis
     return out
 
 
+#: The counting templates and the word of their question that names what is counted.
+COUNTED_WORDS = {TEMPLATES["scene_count"]: "shapes", TEMPLATES["doc_stamp_count"]: "stamps"}
+
+
+def countable_objects(rec: SynthRecord, window: Box) -> list[Box]:
+    """The boxes, in the window's pixels and clipped to it, of the objects a count question counts (a
+    scene's shapes, a page's stamps) whose centre lies in the window."""
+    counted = rec.objects if rec.category == "scene" else [o for o in rec.objects if o["kind"] == "stamp"]
+    out = []
+    for o in counted:
+        x0, y0, x1, y1 = o["box"]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if window[0] <= cx < window[2] and window[1] <= cy < window[3]:
+            out.append((max(x0, window[0]) - window[0], max(y0, window[1]) - window[1],
+                        min(x1, window[2]) - window[0], min(y1, window[3]) - window[1]))
+    return out
+
+
+def question_counts(questions: list[tuple[str, str]]) -> list[tuple[str, int] | None]:
+    """Per (question, answer) turn, (the counted word, the count) where it asks for a count."""
+    return [(COUNTED_WORDS[q], int(a)) if q in COUNTED_WORDS else None for q, a in questions]
+
+
 def tight_window(rec: SynthRecord, scale: float, pad: tuple[float, float], rng: np.random.Generator) -> tuple[Box, int]:
     """A window around the evidence, ``pad`` times its size per side, and the budget that shows it at ``scale``."""
     x0, y0, x1, y1 = rec.evidence_box
@@ -136,6 +159,7 @@ def make_sample_fn(
     tight_pad: tuple[float, float] = (1.05, 1.8),
     scene_shapes: int | None = None,
     ground_shapes: bool = False,
+    count_objects: bool = False,
 ):
     """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get.
 
@@ -146,6 +170,8 @@ def make_sample_fn(
     ``scene_shapes`` caps the shapes per scene (None: the benchmark's 2-5), for a binding phase.
     ``ground_shapes`` attaches to every scene question the shape it names (:func:`shape_groundings`),
     for a phase with grounding supervision; the samples are otherwise the same.
+    ``count_objects`` attaches the countable objects of every view and the count of every counting
+    question (:func:`countable_objects`, :func:`question_counts`), for the count read-outs.
     """
     weights = np.asarray(full_weights or [1.0] * len(full_budgets), dtype=float)
     weights = weights / weights.sum()
@@ -184,7 +210,9 @@ def make_sample_fn(
         (q0, a0), rest = picked[0], picked[1:]
         groundings = shape_groundings(rec, window, [q for q, _ in picked]) if ground_shapes else []
         return TrainSample(image=image, question=q0, answer=a0, budget_tokens=budget, more_turns=rest,
-                           groundings=groundings)
+                           groundings=groundings,
+                           counts=question_counts(picked) if count_objects else [],
+                           objects=countable_objects(rec, window) if count_objects else None)
 
     return sample
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from readout_helpers import assert_readout_teaches_only
 
 from qzoom_ray.train.data import TrainSample, collate, encode_sample
 from qzoom_ray.train.grounding import (
@@ -22,7 +23,7 @@ from qzoom_ray.train.grounding import (
     box_token_cells,
     head_row_probs,
     image_token_xy,
-    split_grounding,
+    split_targets,
 )
 from qzoom_ray.train.synth_source import make_sample_fn, shape_groundings
 
@@ -103,7 +104,8 @@ def test_targets_point_from_the_shape_word_to_image_tokens(base):
             assert len(keys) > 0 and np.all(e["input_ids"][keys] == image_token)
             assert centre == box_centre(g.box, s.image.size)
     batch = collate(encoded, int(tok.pad_token_id), image_token)
-    rows, keys, centres = split_grounding(batch)
+    targets = split_targets(batch)
+    rows, keys, centres = (targets[k] for k in (GROUNDING_ROWS, GROUNDING_KEYS, GROUNDING_CENTRES))
     assert GROUNDING_ROWS not in batch and GROUNDING_KEYS not in batch and GROUNDING_CENTRES not in batch
     assert rows.shape == (sum(len(e["grounding"]) for e in encoded), 2) and keys.shape == (len(rows), batch["input_ids"].shape[1])
     assert centres.shape == (len(rows), 2) and bool(((centres >= 0) & (centres <= 1)).all())
@@ -119,7 +121,7 @@ def test_hooked_head_probabilities_equal_eager_attention(base):
     # Two samples of different lengths, so the padding mask matters.
     encoded = [encode_sample(proc, s) for s in _scene_samples(2, seed=3)]
     batch = collate(encoded, int(tok.pad_token_id), image_token)
-    rows = split_grounding(batch)[0]
+    rows = split_targets(batch)[GROUNDING_ROWS]
     layers = model.model.language_model.layers
     captured = {}
 
@@ -192,12 +194,12 @@ def test_several_heads_average_their_losses(base):
     tok, proc, model = base
     batch = collate([encode_sample(proc, s) for s in _scene_samples(3, seed=11)], int(tok.pad_token_id),
                     tok.convert_tokens_to_ids("<|image_pad|>"))
-    targets = split_grounding(batch)
+    targets = split_targets(batch)
     layers = model.model.language_model.layers
     single = []
     for heads in ([(0, 0)], [(1, 2)], [(0, 0), (1, 2)]):
         grounder = GroundingLoss(layers, heads)
-        grounder.set_targets(targets[0], targets[1], batch["attention_mask"])
+        assert grounder.bind(batch, targets)
         with grounder, torch.no_grad():
             model(**batch)
         single.append(grounder.loss)
@@ -266,8 +268,6 @@ def test_image_token_xy_runs_row_major_over_the_merged_grid():
 
 
 def test_token_position_readout_teaches_layer_0_where_each_visual_token_lies(base):
-    from qzoom_ray.train.base import Auxiliary, chat_loss_fn
-
     tok, proc, model = base
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     batch = collate([encode_sample(proc, s) for s in _scene_samples(4, seed=9)], int(tok.pad_token_id), image_token)
@@ -275,22 +275,4 @@ def test_token_position_readout_teaches_layer_0_where_each_visual_token_lies(bas
     torch.manual_seed(2)
     readout = TokenPositionReadout(layers, 0, model.config.text_config.hidden_size, image_token)
     assert not readout.bind({"input_ids": torch.tensor([[1, 2]])})  # no image: nothing to supervise
-    aux = Auxiliary("token_position", readout, 1.0)
-    params = dict(model.named_parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
-    train = [n for n in params if "language_model.layers.0." in n]
-    for n, p in params.items():
-        p.requires_grad_(n in train)
-    opt = torch.optim.Adam([params[n] for n in train] + list(readout.parameters()), lr=3e-3)
-    try:
-        for _ in range(20):
-            chat_loss_fn(model, [aux])(dict(batch))
-            opt.zero_grad()
-            readout.loss.backward()
-            opt.step()
-    finally:
-        for p in params.values():
-            p.requires_grad_(True)
-    assert len(aux.losses) == 20 and aux.losses[-1] < 0.5 * aux.losses[0], aux.losses
-    for n, p in params.items():  # leave the module-scoped model as it was
-        p.data.copy_(before[n])
+    assert_readout_teaches_only(model, batch, readout, ("0",), drop=0.5)

@@ -124,22 +124,24 @@ def test_local_training_refuses_several_workers_and_a_missing_gpu(tmp_path):
 def test_a_grounded_phase_with_the_readouts_trains_and_saves_only_the_model(tmp_path):
     from safetensors.torch import load_file
 
-    # A few steps on scene questions from the shipped tiny base, both auxiliary losses on.
+    # A few steps on scene questions from the shipped tiny base, every auxiliary loss on.
     cfg = TrainBaseConfig(
         out_dir=str(tmp_path / "model"),
         init_from="qzoom_ray/assets/tiny-base",
-        source_kwargs={"templates": ["scene_side", "scene_colour"], "full_budgets": [64], "crop_prob": 0.0,
-                       "ground_shapes": True, "max_turns": 2},
+        source_kwargs={"templates": ["scene_side", "scene_colour", "scene_count"], "full_budgets": [64],
+                       "crop_prob": 0.0, "ground_shapes": True, "count_objects": True, "max_turns": 3},
         steps=4, batch_size=4, lr=1e-4, torch_threads=1, log_every=2,
         grounding_heads=[(0, 0), (1, 0)], location_readout_layer=1, token_position_layer=0,
+        count_readout_layer=1, object_centre_layer=0,
         phases=[TrainPhase(name="located", minutes=10, freeze_vision=True, grounding_weight=0.5, location_weight=3.0,
-                           token_position_weight=1.0)],
+                           token_position_weight=1.0, count_weight=1.0, object_centre_weight=1.0)],
     )
     recipe = train_base(cfg, local=True)
     phase = recipe["phases"][0]
     assert recipe["steps_done"] == 4
     assert phase["final_grounding_loss"] > 0 and 0 < phase["final_location_loss"] < 2
     assert 0 < phase["final_token_position_loss"] < 2
+    assert phase["final_count_loss"] > 0 and 0 < phase["final_object_centre_loss"] < 2
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     shipped = load_file("qzoom_ray/assets/tiny-base/model.safetensors")
     assert set(saved) == set(shipped)  # the read-out head is train-only
