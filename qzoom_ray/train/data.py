@@ -28,8 +28,8 @@ from qzoom_ray.train.grounding import (
     Grounding,
     box_centre,
     box_token_cells,
+    last_word_position,
     object_centre_cells,
-    word_token_id,
 )
 
 IGNORE_INDEX = -100
@@ -95,10 +95,11 @@ def encode_sample(processor: Any, sample: TrainSample) -> dict[str, Any]:
 def _word_position(tokenizer: Any, pieces: list[tuple[np.ndarray, bool]], turn: int, word: str) -> int:
     """Position in the whole sequence of the last occurrence of ``word`` in ``turn``'s prompt piece."""
     prompt_piece = 2 * turn  # pieces alternate prompt, answer
-    hits = np.nonzero(pieces[prompt_piece][0] == word_token_id(tokenizer, word))[0]
-    if len(hits) == 0:
-        raise ValueError(f"turn {turn} names {word!r} but its prompt does not contain it")
-    return int(sum(len(p) for p, _ in pieces[:prompt_piece]) + hits[-1])
+    try:
+        hit = last_word_position(tokenizer, pieces[prompt_piece][0], word)
+    except ValueError:
+        raise ValueError(f"turn {turn} names {word!r} but its prompt does not contain it") from None
+    return int(sum(len(p) for p, _ in pieces[:prompt_piece]) + hit)
 
 
 def count_pairs(tokenizer: Any, sample: TrainSample, pieces: list[tuple[np.ndarray, bool]]) -> list[tuple[int, int]]:

@@ -38,7 +38,8 @@ TARGET_KEYS = (GROUNDING_ROWS, GROUNDING_KEYS, GROUNDING_CENTRES, COUNT_ROWS, CO
 
 @dataclass(frozen=True)
 class Grounding:
-    """The object one question turn names: its word (one token) and its box in the view's pixels."""
+    """The object one question turn names: its word (its last token is the query) and its box in the
+    view's pixels."""
 
     word: str
     box: PixelBox
@@ -80,12 +81,25 @@ def box_centre(box: PixelBox, view_wh: tuple[int, int]) -> tuple[float, float]:
     return (min(1.0, max(0.0, float(cx))), min(1.0, max(0.0, float(cy))))
 
 
-def word_token_id(tokenizer, word: str) -> int:
-    """The single token of ``word`` as it appears mid-sentence (after a space)."""
-    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"grounding word {word!r} is {len(ids)} tokens; it must be one")
-    return int(ids[0])
+def word_token_ids(tokenizer, word: str) -> list[np.ndarray]:
+    """The token ids ``word`` can have in a prompt: after a space ("the star"), then on its own (after
+    punctuation, as in "the value of 'Cash'"), in that order of preference."""
+    return [np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            for text in (" " + word, word)]
+
+
+def last_word_position(tokenizer, ids: np.ndarray, word: str) -> int:
+    """Index in ``ids`` of the last token of the last occurrence of ``word``: for a word of several
+    tokens, the one whose state has seen all of it."""
+    for pattern in word_token_ids(tokenizer, word):
+        n = len(pattern)
+        if n == 0 or n > len(ids):
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ids, n)
+        hits = np.nonzero((windows == pattern).all(axis=1))[0]
+        if len(hits):
+            return int(hits[-1] + n - 1)
+    raise ValueError(f"the prompt does not contain {word!r}")
 
 
 def split_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -138,6 +138,22 @@ def question_counts(questions: list[tuple[str, str]]) -> list[tuple[str, int] | 
     return [(COUNTED_WORDS[q], int(a)) if q in COUNTED_WORDS else None for q, a in questions]
 
 
+def field_groundings(rec: SynthRecord, window: Box, questions: list[str]) -> list[Grounding | None]:
+    """Per question, the ledger row a ``doc_value`` question asks about (its key and value) with its
+    box in the window's pixels (None: asks about none, or the row is not wholly in the window). Keys are
+    unique on a page, so the key names the row."""
+    rows = {TEMPLATES["doc_value"].format(field=name): (name, box) for name, _, box in document_fields(rec)} \
+        if rec.category == "document" else {}
+    out: list[Grounding | None] = []
+    for question in questions:
+        name, box = rows.get(question, (None, None))
+        if name is not None and _inside(box, window):
+            out.append(Grounding(name, (box[0] - window[0], box[1] - window[1], box[2] - window[0], box[3] - window[1])))
+        else:
+            out.append(None)
+    return out
+
+
 def tight_window(rec: SynthRecord, scale: float, pad: tuple[float, float], rng: np.random.Generator) -> tuple[Box, int]:
     """A window around the evidence, ``pad`` times its size per side, and the budget that shows it at ``scale``."""
     x0, y0, x1, y1 = rec.evidence_box
@@ -159,6 +175,7 @@ def make_sample_fn(
     tight_pad: tuple[float, float] = (1.05, 1.8),
     scene_shapes: int | None = None,
     ground_shapes: bool = False,
+    ground_fields: bool = False,
     count_objects: bool = False,
 ):
     """A sampler of multi-question views; ``full_weights`` skews which ladder budget whole images get.
@@ -169,7 +186,8 @@ def make_sample_fn(
     fastest); the other fine records get a ``crop_budgets`` window with ``crop_prob``.
     ``scene_shapes`` caps the shapes per scene (None: the benchmark's 2-5), for a binding phase.
     ``ground_shapes`` attaches to every scene question the shape it names (:func:`shape_groundings`),
-    for a phase with grounding supervision; the samples are otherwise the same.
+    for a phase with grounding supervision; the samples are otherwise the same. ``ground_fields`` does
+    the same for the ledger row a ``doc_value`` question asks about (:func:`field_groundings`).
     ``count_objects`` attaches the countable objects of every view and the count of every counting
     question (:func:`countable_objects`, :func:`question_counts`), for the count read-outs.
     """
@@ -208,7 +226,12 @@ def make_sample_fn(
         picked = [qa[i] for i in rng.permutation(len(qa))[:max_turns]]
         image = rec.image if window == full else rec.image.crop(window)
         (q0, a0), rest = picked[0], picked[1:]
-        groundings = shape_groundings(rec, window, [q for q, _ in picked]) if ground_shapes else []
+        questions = [q for q, _ in picked]
+        groundings = []
+        if ground_shapes or ground_fields:
+            shapes = shape_groundings(rec, window, questions) if ground_shapes else [None] * len(questions)
+            fields = field_groundings(rec, window, questions) if ground_fields else [None] * len(questions)
+            groundings = [a or b for a, b in zip(shapes, fields, strict=True)]
         return TrainSample(image=image, question=q0, answer=a0, budget_tokens=budget, more_turns=rest,
                            groundings=groundings,
                            counts=question_counts(picked) if count_objects else [],

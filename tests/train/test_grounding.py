@@ -276,3 +276,28 @@ def test_token_position_readout_teaches_layer_0_where_each_visual_token_lies(bas
     readout = TokenPositionReadout(layers, 0, model.config.text_config.hidden_size, image_token)
     assert not readout.bind({"input_ids": torch.tensor([[1, 2]])})  # no image: nothing to supervise
     assert_readout_teaches_only(model, batch, readout, ("0",), drop=0.5)
+
+
+def test_value_questions_ground_their_ledger_row_from_the_key_s_last_token(base):
+    from qzoom_ray.synth.generator import render_record
+    from qzoom_ray.synth.vocab import TEMPLATES
+    from qzoom_ray.train.synth_source import document_fields, field_groundings
+
+    rec = render_record(7, split="ordinary", template="doc_value")
+    rows = document_fields(rec)
+    assert len({name for name, _, _ in rows}) == len(rows) > 0  # a key names one row
+    qs = [TEMPLATES["doc_value"].format(field=name) for name, _, _ in rows] + [TEMPLATES["doc_header_colour"]]
+    got = field_groundings(rec, (0, 0, rec.width, rec.height), qs)
+    assert [(g.word, g.box) for g in got[:-1]] == [(name, box) for name, _, box in rows] and got[-1] is None
+    assert field_groundings(rec, (0, 0, 1, 1), qs[:1]) == [None]
+    # Keys are several tokens after a quote ("of 'Cash'?"): the query is the key's last token.
+    tok, proc, _ = base
+    sample = make_sample_fn(templates=("doc_value",), full_budgets=(256,), crop_prob=0.0, tight_prob=0.0,
+                            ground_fields=True)(np.random.default_rng(1))
+    named = [g for g in sample.groundings if g is not None]
+    encoded = encode_sample(proc, sample)
+    assert len(encoded["grounding"]) == len(named) > 0
+    for (query, keys, _), g in zip(encoded["grounding"], named, strict=True):
+        last = tok(g.word, add_special_tokens=False)["input_ids"][-1]
+        assert int(encoded["input_ids"][query]) == last and encoded["input_ids"][query + 1] == tok.convert_tokens_to_ids("'?")
+        assert len(keys) > 0
