@@ -44,7 +44,7 @@ class _Runtime:
 
 @dataclass
 class Auxiliary:
-    """A train-time auxiliary loss (qzoom_ray.train.grounding): the object hooks the model while it is
+    """A train-time auxiliary loss (qzoom_ray.train.grounding and .readouts): the object hooks the model while it is
     entered and leaves its loss in ``.loss``; ``bind(batch, targets)`` says whether this batch has its
     targets. ``losses`` collects the values for the logs."""
 
@@ -183,22 +183,21 @@ def _run_training(cfg: TrainBaseConfig, rt: _Runtime) -> dict[str, Any]:
         from qzoom_ray.train.grounding import GroundingLoss
 
         aux_modules["grounding"] = GroundingLoss(decoder_layers, cfg.grounding_heads)
-    if any(p.location_weight > 0 for p in phases):
-        from qzoom_ray.train.grounding import LocationReadout
+    from qzoom_ray.train.readouts import (
+        CountReadout,
+        LocationReadout,
+        ObjectCentreReadout,
+        TokenPositionReadout,
+    )
 
+    if any(p.location_weight > 0 for p in phases):
         aux_modules["location"] = LocationReadout(decoder_layers, cfg.location_readout_layer, hidden_size).to(device)
     if any(p.token_position_weight > 0 for p in phases):
-        from qzoom_ray.train.grounding import TokenPositionReadout
-
         aux_modules["token_position"] = TokenPositionReadout(
             decoder_layers, cfg.token_position_layer, hidden_size, int(model.config.image_token_id)).to(device)
     if any(p.count_weight > 0 for p in phases):
-        from qzoom_ray.train.grounding import CountReadout
-
         aux_modules["count"] = CountReadout(decoder_layers, cfg.count_readout_layer, hidden_size).to(device)
     if any(p.object_centre_weight > 0 for p in phases):
-        from qzoom_ray.train.grounding import ObjectCentreReadout
-
         aux_modules["object_centre"] = ObjectCentreReadout(
             decoder_layers, cfg.object_centre_layer, hidden_size, int(model.config.image_token_id)).to(device)
     done["auxiliaries"] = []

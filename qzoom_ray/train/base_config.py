@@ -57,23 +57,23 @@ class TrainPhase(StrictModel):
         "groundings (a source must attach them, e.g. synth_source's ground_shapes: true); 0 turns it off."
     )
     location_weight: float = Field(
-        0.0, ge=0, description="chat phases: weight of the location read-out (qzoom_ray.train.grounding."
+        0.0, ge=0, description="chat phases: weight of the location read-out (qzoom_ray.train.readouts."
         "LocationReadout): a train-only linear head predicts the named object's box centre from its word's state "
         "after decoder layer location_readout_layer; needs groundings like grounding_weight; 0 turns it off."
     )
     token_position_weight: float = Field(
-        0.0, ge=0, description="chat phases: weight of the token-position read-out (qzoom_ray.train.grounding."
+        0.0, ge=0, description="chat phases: weight of the token-position read-out (qzoom_ray.train.readouts."
         "TokenPositionReadout): a train-only linear head predicts each visual token's place in the view from its "
         "state after decoder layer token_position_layer (self-supervised); 0 turns it off."
     )
     count_weight: float = Field(
-        0.0, ge=0, description="chat phases: weight of the count read-out (qzoom_ray.train.grounding.CountReadout): "
+        0.0, ge=0, description="chat phases: weight of the count read-out (qzoom_ray.train.readouts.CountReadout): "
         "a train-only linear head predicts the count a question asks for from the counted word's state after "
         "decoder layer count_readout_layer; needs a source that attaches counts (synth_source's count_objects: "
         "true); 0 turns it off."
     )
     object_centre_weight: float = Field(
-        0.0, ge=0, description="chat phases: weight of the object-centre read-out (qzoom_ray.train.grounding."
+        0.0, ge=0, description="chat phases: weight of the object-centre read-out (qzoom_ray.train.readouts."
         "ObjectCentreReadout): each visual token's state after decoder layer object_centre_layer says whether a "
         "countable object's centre lies in its cell; needs a source that attaches objects (count_objects: true); "
         "0 turns it off."

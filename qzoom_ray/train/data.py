@@ -29,8 +29,8 @@ from qzoom_ray.train.grounding import (
     box_centre,
     box_token_cells,
     last_word_position,
-    object_centre_cells,
 )
+from qzoom_ray.train.readouts import object_centre_cells
 
 IGNORE_INDEX = -100
 TOKEN_PX = 28

@@ -15,12 +15,9 @@ from qzoom_ray.train.grounding import (
     COUNT_ROWS,
     COUNT_VALUES,
     OBJECT_CENTRES,
-    CountReadout,
-    ObjectCentreReadout,
-    image_token_xy,
-    object_centre_cells,
     split_targets,
 )
+from qzoom_ray.train.readouts import CountReadout, ObjectCentreReadout, image_token_xy, object_centre_cells
 from qzoom_ray.train.synth_source import countable_objects, make_sample_fn, question_counts
 
 TINY_BASE = "qzoom_ray/assets/tiny-base"

@@ -17,14 +17,12 @@ from qzoom_ray.train.grounding import (
     GROUNDING_ROWS,
     Grounding,
     GroundingLoss,
-    LocationReadout,
-    TokenPositionReadout,
     box_centre,
     box_token_cells,
     head_row_probs,
-    image_token_xy,
     split_targets,
 )
+from qzoom_ray.train.readouts import LocationReadout, TokenPositionReadout, image_token_xy
 from qzoom_ray.train.synth_source import make_sample_fn, shape_groundings
 
 TINY_BASE = "qzoom_ray/assets/tiny-base"
