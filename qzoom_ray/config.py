@@ -91,6 +91,11 @@ class ZoomConfig(StrictModel):
         0.1, ge=0.0, description="tau_gate: records whose gate probability is >= this zoom. >1 disables zoom."
     )
     roi_thresh: float = Field(0.1, ge=0.0, description="tau_roi: threshold on the blurred sigmoid RoI map.")
+    roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
+        "absolute",
+        description="absolute: the box bounds cells > tau_roi (the paper). peak_relative: cells >= tau_roi x the "
+        "map's peak, so tau_roi in (0, 1] sets the box's tightness around the peak.",
+    )
     min_pixels: int = Field(256 * QWEN25_TOKEN_PX**2, gt=0, description="Lower pixel budget of the global view.")
     max_pixels: int = Field(576 * QWEN25_TOKEN_PX**2, gt=0, description="Upper pixel budget of the global view.")
     roi_min_pixels: int | None = Field(None, description="Lower budget for the RoI crop; None: min_pixels.")

@@ -125,9 +125,22 @@ def roi_prob_map(logit_map: np.ndarray, sink_mask: np.ndarray | None) -> np.ndar
     return gaussian_blur3x3(prob, sigma=1.0)
 
 
-def roi_box_from_map(prob_map: np.ndarray, thresh: float) -> GridBox | None:
-    """Single bounding box of every cell strictly above `thresh` (no connected components, spec 3.3.5)."""
-    ys, xs = np.nonzero(np.asarray(prob_map) > thresh)
+def roi_box_from_map(prob_map: np.ndarray, thresh: float, relative: bool = False) -> GridBox | None:
+    """Single bounding box of every cell strictly above `thresh` (no connected components, spec 3.3.5).
+
+    ``relative`` (beyond the paper) compares cells with ``thresh`` times the map's peak instead: the box
+    then never vanishes for a map with any mass, and its size follows the map's shape, not how confident
+    the twig is overall. A twig trained with a heavy foreground weight puts a broad plateau above any
+    absolute threshold, and a broad box is read at the same token budget as a tight one.
+    """
+    prob = np.asarray(prob_map)
+    if relative:
+        peak = float(prob.max()) if prob.size else 0.0
+        if peak <= 0.0:
+            return None
+        ys, xs = np.nonzero(prob >= thresh * peak)
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    ys, xs = np.nonzero(prob > thresh)
     if xs.size == 0:
         return None
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1

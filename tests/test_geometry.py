@@ -252,6 +252,34 @@ def test_threshold_is_strict() -> None:
     assert g.roi_box_from_map(m, 0.09) == (2, 1, 3, 2)
 
 
+@given(m=maps, frac=st.floats(0.01, 1))
+def test_peak_relative_box_is_the_absolute_box_at_that_share_of_the_peak(m: np.ndarray, frac: float) -> None:
+    box = g.roi_box_from_map(m, frac, relative=True)
+    peak = float(m.max())
+    if peak <= 0:
+        assert box is None
+        return
+    assert box is not None
+    x0, y0, x1, y1 = box
+    py, px = np.unravel_index(int(m.argmax()), m.shape)
+    assert x0 <= px < x1 and y0 <= py < y1  # never empty: the peak is always inside
+    hot = m >= frac * peak
+    inside = np.zeros_like(hot)
+    inside[y0:y1, x0:x1] = True
+    assert not (hot & ~inside).any()
+    assert hot[y0].any() and hot[y1 - 1].any() and hot[:, x0].any() and hot[:, x1 - 1].any()
+
+
+def test_peak_relative_box_ignores_the_maps_scale() -> None:
+    m = np.zeros((6, 6))
+    m[2, 1], m[2, 2], m[4, 4] = 0.9, 0.8, 0.5
+    # Same shape, ten times less confident: the absolute rule loses the box, the relative one keeps it.
+    assert g.roi_box_from_map(m, 0.7, relative=True) == g.roi_box_from_map(m / 10, 0.7, relative=True) == (1, 2, 3, 3)
+    assert g.roi_box_from_map(m / 10, 0.7) is None
+    assert g.roi_box_from_map(m, 0.5, relative=True) == (1, 2, 5, 5)
+    assert g.roi_box_from_map(np.zeros((3, 3)), 0.5, relative=True) is None
+
+
 def test_grid_box_to_pixels() -> None:
     assert g.grid_box_to_pixels((6, 3, 12, 9), (24, 32), (640, 480)) == (120.0, 60.0, 240.0, 180.0)
 

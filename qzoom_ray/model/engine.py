@@ -283,7 +283,7 @@ class QZoomEngine:
             prob = geometry.roi_prob_map(logit_map, sink)
             if zoom.return_roi_map:
                 maps[b] = prob.astype(np.float32)
-            box_grid = geometry.roi_box_from_map(prob, p.roi_thresh)
+            box_grid = geometry.roi_box_from_map(prob, p.roi_thresh, relative=zoom.roi_thresh_mode == "peak_relative")
             if box_grid is None:
                 routes[b] = ROUTE_EMPTY_MAP
                 continue

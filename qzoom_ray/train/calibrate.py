@@ -81,8 +81,10 @@ def choose_thresholds(
 
 
 def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int, roi_grid: list[float],
-                  reference_budget: int | None = None, batch_size: int = 8, max_new_tokens: int = 32) -> CalibrationTable:
-    """Run the passes on ``rows`` (:class:`~qzoom_ray.eval.data.LabelledRow`) with one shared model."""
+                  reference_budget: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
+                  roi_thresh_mode: str = "absolute") -> CalibrationTable:
+    """Run the passes on ``rows`` (:class:`~qzoom_ray.eval.data.LabelledRow`) with one shared model;
+    ``roi_thresh_mode`` is how the ``roi_grid`` candidates are read (``ZoomConfig.roi_thresh_mode``)."""
     from qzoom_ray.config import EngineConfig
     from qzoom_ray.model.engine import QZoomEngine
     from qzoom_ray.model.state import EngineRecord
@@ -90,7 +92,8 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
     px = loaded.adapter.token_px**2
     base = {"generation": {"max_new_tokens": max_new_tokens}, "max_batch_size": batch_size,
             "model": {"path": loaded.source}}
-    engine = QZoomEngine(EngineConfig.model_validate({**base, "zoom": {"mode": "qzoom"}}), loaded=loaded)
+    engine = QZoomEngine(EngineConfig.model_validate({**base, "zoom": {"mode": "qzoom", "roi_thresh_mode": roi_thresh_mode}}),
+                         loaded=loaded)
 
     def run(gate_thresh: float, roi_thresh: float):
         recs = [EngineRecord(r.id, r.image, r.question, min_pixels=min_tokens * px, max_pixels=max_tokens * px,
@@ -112,18 +115,22 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
                            for r in rows])
         ref = float(scores(res).mean())
     return CalibrationTable(gate, scores(direct), zoomed, ref,
-                            {"min_tokens": min_tokens, "max_tokens": max_tokens, "reference_budget": reference_budget})
+                            {"min_tokens": min_tokens, "max_tokens": max_tokens, "reference_budget": reference_budget,
+                             "roi_thresh_mode": roi_thresh_mode})
 
 
 def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: float, tau_roi: float,
-                     note: str = "") -> Path:
-    """Set ``zoom.gate_thresh`` / ``zoom.roi_thresh`` (top level, or under ``engine:``) in a YAML config."""
+                     note: str = "", roi_thresh_mode: str | None = None) -> Path:
+    """Set ``zoom.gate_thresh`` / ``zoom.roi_thresh`` (and ``roi_thresh_mode`` when given: tau_roi means
+    nothing without it) at the top level, or under ``engine:``, of a YAML config."""
     src = Path(config_in)
     data = (yaml.safe_load(src.read_text()) or {}) if src.exists() else {}
     holder = data["engine"] if isinstance(data.get("engine"), dict) and "zoom" in data["engine"] else data
     zoom = holder.setdefault("zoom", {})
     zoom["gate_thresh"] = round(float(tau_gate), 6)
     zoom["roi_thresh"] = round(float(tau_roi), 6)
+    if roi_thresh_mode is not None:
+        zoom["roi_thresh_mode"] = roi_thresh_mode
     out = Path(config_out)
     header = f"# tau_gate / tau_roi written by jobs/calibrate.py{': ' + note if note else ''}\n"
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))

@@ -8,7 +8,7 @@ from conftest import engine_config, make_image_bytes
 
 from qzoom_ray import geometry
 from qzoom_ray.model.engine import QZoomEngine
-from qzoom_ray.model.state import ROUTE_ZOOM, EngineRecord
+from qzoom_ray.model.state import ROUTE_EMPTY_MAP, ROUTE_ZOOM, EngineRecord, EngineResult, ZoomRequest
 
 # Per record: (width, height, hot block on the merged grid as (x0, y0, x1, y1)).
 CASES = {"wide": (900, 300, (3, 1, 6, 3)), "tall": (300, 700, (0, 4, 2, 9)), "small": (224, 224, (1, 1, 3, 3))}
@@ -58,3 +58,34 @@ def test_boxes_follow_each_rows_map_under_left_padding(tiny_model_dir, monkeypat
         assert result.route == ROUTE_ZOOM and result.roi_box_px == expected
         # The crop is re-encoded at the global view's budget: small crops are magnified.
         assert roi.num_tokens >= 64
+
+
+def test_peak_relative_mode_boxes_a_timid_map(tiny_model_dir, monkeypatch):
+    """A map that never reaches tau_roi has no absolute box; read relative to its peak it has a tight one."""
+    w, h, (x0, y0, x1, y1) = CASES["wide"]
+    record = EngineRecord("wide", make_image_bytes(w, h, 0), "Which code?", gate_thresh=0.0)
+
+    def run(mode: str):
+        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"sink_mask": False, "roi_thresh": 0.5,
+                                                                  "roi_thresh_mode": mode}))
+        prep = engine.prepare(record)
+        gh, gw = prep.merged_grid
+        block = np.full((gh, gw), -6.0)
+        block[y0:y1, x0:x1] = -1.0  # sigmoid 0.27 inside, 0.0025 outside: below tau_roi everywhere
+
+        def timid_roi_logits(score_layer, hidden, pos_emb):
+            out = torch.full(hidden.shape[:2], -20.0)
+            out[0, prep.image_start : prep.image_start + gh * gw] = torch.from_numpy(block.reshape(-1))
+            return out, None
+
+        monkeypatch.setattr(engine.adapter, "roi_logits", timid_roi_logits)
+        return engine.coarse([prep], keep_prefix=True)[0], geometry.roi_prob_map(block, None)
+
+    absolute, _ = run("absolute")
+    assert isinstance(absolute, EngineResult) and absolute.route == ROUTE_EMPTY_MAP
+    relative, prob = run("peak_relative")
+    assert isinstance(relative, ZoomRequest)
+    assert relative.box_grid == geometry.roi_box_from_map(prob, 0.5, relative=True)
+    bx0, by0, bx1, by1 = relative.box_grid
+    assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1
+    assert (bx1 - bx0) * (by1 - by0) <= (x1 - x0 + 2) * (y1 - y0 + 2) < prob.size

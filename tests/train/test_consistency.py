@@ -109,3 +109,6 @@ def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
     assert data["batch"] == 4 and out.read_text().startswith("# tau_gate")
     plain = write_thresholds(tmp_path / "missing.yaml", tmp_path / "new.yaml", 0.5, 0.1)
     assert yaml.safe_load(plain.read_text()) == {"zoom": {"gate_thresh": 0.5, "roi_thresh": 0.1}}
+    relative = write_thresholds(tmp_path / "missing.yaml", tmp_path / "rel.yaml", 0.5, 0.8, roi_thresh_mode="peak_relative")
+    assert yaml.safe_load(relative.read_text()) == {
+        "zoom": {"gate_thresh": 0.5, "roi_thresh": 0.8, "roi_thresh_mode": "peak_relative"}}
