@@ -172,3 +172,8 @@ def test_serve_yaml_args_validate():
     assert args.remote_images.allowlist == []
     names = {d["name"] for d in config["applications"][0]["deployments"]}
     assert names == {"CoarseServer", "ZoomServer"}
+    # What each replica's reconfigure() does with its user_config: an unknown key fails the deployment.
+    from qzoom_ray.serve.config import LiveConfig
+
+    live = {d["name"]: LiveConfig.model_validate(d["user_config"]) for d in config["applications"][0]["deployments"]}
+    assert live["CoarseServer"].roi_thresh == args.engine.zoom.roi_thresh
