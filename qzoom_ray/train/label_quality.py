@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from qzoom_ray.eval.metrics import exact_match
-from qzoom_ray.train.labels import evidence_cells
+from qzoom_ray.train.labels import box_in_view, evidence_cells
 
 LABEL_QUALITY_COLUMNS = ["id", "image", "grid_h", "grid_w", "attn_map", "labels", "valid", "evidence_box",
                          "pad_to_square", "answer", "gt_answer"]
@@ -48,12 +48,8 @@ def label_evidence(row: dict[str, Any], image_wh: tuple[int, int] | None = None)
         return None
     h, w = int(row["grid_h"]), int(row["grid_w"])
     wh = image_wh or _image_size(row["image"])
-    x0, y0, x1, y1 = (float(v) for v in row["evidence_box"])
-    if row.get("pad_to_square"):  # the grid spans the gray square; the content sits in its middle
-        side = max(wh)
-        dx, dy = (side - wh[0]) / 2, (side - wh[1]) / 2
-        x0, y0, x1, y1, wh = x0 + dx, y0 + dy, x1 + dx, y1 + dy, (side, side)
-    cells = evidence_cells((x0, y0, x1, y1), wh, (h, w))
+    box, wh = box_in_view(row["evidence_box"], wh, bool(row.get("pad_to_square")))
+    cells = evidence_cells(box, wh, (h, w))
     attn = np.asarray(row["attn_map"], dtype=np.float64).reshape(h, w)
     labels = np.asarray(row["labels"]).reshape(h, w)
     fg = labels == 1

@@ -118,3 +118,15 @@ def evidence_cells(box_px: tuple[float, float, float, float], image_wh: tuple[in
     mask = np.zeros((gh, gw), bool)
     mask[max(0, r0) : max(r0 + 1, min(gh, r1)), max(0, c0) : max(c0 + 1, min(gw, c1))] = True
     return mask
+
+
+def box_in_view(box_px: tuple[float, float, float, float], image_wh: tuple[int, int], pad_to_square: bool
+                ) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """A source-pixel box and image size in the frame the grid spans: with ``pad_to_square`` the content sits in
+    the middle of a gray square, so the box moves with it."""
+    x0, y0, x1, y1 = (float(v) for v in box_px)
+    if not pad_to_square:
+        return (x0, y0, x1, y1), image_wh
+    side = max(image_wh)
+    dx, dy = (side - image_wh[0]) / 2, (side - image_wh[1]) / 2
+    return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), (side, side)

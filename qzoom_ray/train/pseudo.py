@@ -18,7 +18,7 @@ from pydantic import Field
 from qzoom_ray.config import EngineConfig, ModelConfig, StrictModel
 from qzoom_ray.train.attention import AttentionCapture, aggregate, head_maps, merge_head_sets, parse_heads
 from qzoom_ray.train.forward import Encoded, build_batch, encode, expand_to_square, image_columns
-from qzoom_ray.train.labels import LabelParams, evidence_cells, make_pseudo_label, padding_cells
+from qzoom_ray.train.labels import LabelParams, box_in_view, evidence_cells, make_pseudo_label, padding_cells
 
 
 class PseudoLabelConfig(StrictModel):
@@ -215,13 +215,8 @@ def rank_heads(reader: AttentionReader, rows: list[dict[str, Any]], batch_size: 
                    else reader.answer(views, questions, 32))
         enc, maps = reader.read(views, questions, [a or _gt(r) for a, r in zip(answers, chunk, strict=True)], heads)
         for r, im, e, m in zip(chunk, originals, enc, maps, strict=True):
-            x0, y0, x1, y1 = (float(v) for v in r["evidence_box"])
-            wh = im.size
-            if reader.pad_to_square:  # the box moves with the content inside the gray square
-                side = max(im.size)
-                dx, dy = (side - im.size[0]) / 2, (side - im.size[1]) / 2
-                x0, y0, x1, y1, wh = x0 + dx, y0 + dy, x1 + dx, y1 + dy, (side, side)
-            cells = torch.from_numpy(evidence_cells((x0, y0, x1, y1), wh, e.merged_grid))
+            box, wh = box_in_view(r["evidence_box"], im.size, reader.pad_to_square)
+            cells = torch.from_numpy(evidence_cells(box, wh, e.merged_grid))
             area = float(cells.float().mean())
             for key, amap in m.items():
                 total = float(amap.sum()) or 1.0
