@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--roi-grid", default="0.05,0.1,0.15,0.2,0.3", help="candidate tau_roi values")
     p.add_argument("--roi-thresh-mode", choices=["absolute", "peak_relative"], default="absolute",
                    help="how --roi-grid values are read (ZoomConfig.roi_thresh_mode); written into the config")
+    p.add_argument("--roi-margin", type=float, default=0.0,
+                   help="grow every box by this share of the image side (ZoomConfig.roi_margin); written into the config")
     p.add_argument("--reference-budget", type=int, help="baseline Max-N whose accuracy is the reference")
     p.add_argument("--target", choices=["accuracy", "zoom_rate"], default="accuracy")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy (fraction) allowed below the reference")
@@ -46,13 +48,14 @@ def main() -> None:
     loaded = load_model(ModelConfig(path=args.model))
     grid = [float(v) for v in args.roi_grid.split(",")]
     table = collect_table(loaded, rows, args.min_tokens, args.max_tokens, grid, args.reference_budget, args.batch_size,
-                          roi_thresh_mode=args.roi_thresh_mode)
+                          roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin)
     choice = choose_thresholds(table, args.target, args.max_drop, args.max_zoom_rate)
     note = (f"{args.target} target on {len(rows)} records of {Path(args.data).name}: accuracy "
             f"{choice['accuracy']:.3f}, zoom rate {choice['zoom_rate']:.3f}")
     write_thresholds(args.config_in or args.config_out, args.config_out, choice["tau_gate"], choice["tau_roi"], note,
-                     roi_thresh_mode=args.roi_thresh_mode)
+                     roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin)
     choice["roi_thresh_mode"] = args.roi_thresh_mode
+    choice["roi_margin"] = args.roi_margin
     if args.report:
         Path(args.report).write_text(json.dumps(choice, indent=2))
     print(json.dumps({k: v for k, v in choice.items() if k != "frontier"}, indent=2))

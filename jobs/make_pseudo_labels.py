@@ -4,7 +4,8 @@
     ray job submit -- python jobs/make_pseudo_labels.py --config ... --concurrency 8 --gpus-per-actor 0.5
 
 Input columns: id, image (bytes), question, answer/answers [, evidence_box]. Output: the same plus
-answer, grid_h, grid_w, attn_map, sink_map, labels (1/0/-100, row-major), valid, reason, fg_box.
+answer, grid_h, grid_w, attn_map, sink_map, labels (1/0/-100, row-major), valid, reason, fg_box, read_box (the
+source-pixel region the map was read on: the whole image, or a tile with `labels.tile_fallback`).
 """
 
 

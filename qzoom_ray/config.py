@@ -96,6 +96,13 @@ class ZoomConfig(StrictModel):
         description="absolute: the box bounds cells > tau_roi (the paper). peak_relative: cells >= tau_roi x the "
         "map's peak, so tau_roi in (0, 1] sets the box's tightness around the peak.",
     )
+    roi_margin: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Beyond the paper: each side of the RoI box moves out by this share of the image's width/height "
+        "(stage 2 tunes on pseudo-RoI boxes with a margin of context). 0: the paper's tight box.",
+    )
     min_pixels: int = Field(256 * QWEN25_TOKEN_PX**2, gt=0, description="Lower pixel budget of the global view.")
     max_pixels: int = Field(576 * QWEN25_TOKEN_PX**2, gt=0, description="Upper pixel budget of the global view.")
     roi_min_pixels: int | None = Field(None, description="Lower budget for the RoI crop; None: min_pixels.")

@@ -158,6 +158,31 @@ def grid_box_to_pixels(
     return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
+NormBox = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the image's width / height
+
+
+def grow_box_by_margin(box_norm: NormBox, margin: float) -> NormBox:
+    """Each side moved out by ``margin`` of the image's width (x) or height (y), clamped to the image.
+
+    Beyond the paper (whose box has no margin, spec 3.3.6): stage 2 fine-tunes on pseudo-RoI boxes with a margin
+    of context around the evidence, so the zoom pass reads crops like those it was tuned on.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    x0, y0, x1, y1 = box_norm
+    return max(0.0, x0 - margin), max(0.0, y0 - margin), min(1.0, x1 + margin), min(1.0, y1 + margin)
+
+
+def norm_box_to_grid(box_norm: NormBox, grid_hw: tuple[int, int]) -> GridBox:
+    """The smallest non-empty run of merged-grid cells covering a normalised box (its RoI position ids)."""
+    x0, y0, x1, y1 = (float(v) for v in box_norm)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"box must be normalised (0 <= x0 < x1 <= 1, same for y), got {tuple(box_norm)}")
+    gh, gw = grid_hw
+    gx0, gy0 = min(math.floor(x0 * gw), gw - 1), min(math.floor(y0 * gh), gh - 1)
+    return gx0, gy0, max(math.ceil(x1 * gw), gx0 + 1), max(math.ceil(y1 * gh), gy0 + 1)
+
+
 def _grow_side(lo: float, hi: float, size: int, min_side: int) -> tuple[int, int]:
     # Invalid (out-of-image) inputs are clamped first so the result is always a non-empty in-image span;
     # for valid inputs this is a no-op and the order below is the reference's grow -> slide -> clamp.

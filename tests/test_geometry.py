@@ -393,3 +393,28 @@ def test_splice_rejects_bad_inputs() -> None:
         g.roi_position_ids(coarse, layout, 5, (1, 5), (2, 3), (0, 0, 2, 1), aligned=True)
     with pytest.raises(ValueError):
         g.roi_position_ids(coarse, layout, 5, (1, 5), (2, 2), (0, 0, 6, 1), aligned=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_margin_box_holds_the_box_and_its_grid_cover_holds_the_margin_box(data):
+    x0 = data.draw(st.floats(0.0, 0.98))
+    y0 = data.draw(st.floats(0.0, 0.98))
+    x1 = data.draw(st.floats(x0 + 0.01, 1.0))
+    y1 = data.draw(st.floats(y0 + 0.01, 1.0))
+    margin = data.draw(st.floats(0.0, 0.49))
+    gx0, gy0, gx1, gy1 = grown = g.grow_box_by_margin((x0, y0, x1, y1), margin)
+    assert 0.0 <= gx0 <= x0 and 0.0 <= gy0 <= y0 and x1 <= gx1 <= 1.0 and y1 <= gy1 <= 1.0
+    assert gx0 == pytest.approx(max(0.0, x0 - margin)) and gx1 == pytest.approx(min(1.0, x1 + margin))
+    gh, gw = data.draw(st.integers(1, 80)), data.draw(st.integers(1, 80))
+    cx0, cy0, cx1, cy1 = g.norm_box_to_grid(grown, (gh, gw))
+    assert 0 <= cx0 < cx1 <= gw and 0 <= cy0 < cy1 <= gh
+    assert cx0 / gw <= gx0 + 1e-12 and cx1 / gw >= gx1 - 1e-12
+    assert cy0 / gh <= gy0 + 1e-12 and cy1 / gh >= gy1 - 1e-12
+
+
+def test_margin_and_grid_cover_reject_bad_boxes():
+    with pytest.raises(ValueError, match="margin"):
+        g.grow_box_by_margin((0.1, 0.1, 0.2, 0.2), 1.0)
+    with pytest.raises(ValueError, match="normalised"):
+        g.norm_box_to_grid((0.5, 0.1, 0.4, 0.2), (10, 10))

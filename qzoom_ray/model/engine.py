@@ -288,9 +288,14 @@ class QZoomEngine:
                 routes[b] = ROUTE_EMPTY_MAP
                 continue
             wh = p.image_wh
-            box_px = geometry.grow_box_to_min_size(
-                geometry.grid_box_to_pixels(box_grid, (gh, gw), wh), wh, zoom.min_roi_px
-            )
+            if zoom.roi_margin > 0.0:
+                x0, y0, x1, y1 = box_grid
+                grown = geometry.grow_box_by_margin((x0 / gw, y0 / gh, x1 / gw, y1 / gh), zoom.roi_margin)
+                box_grid = geometry.norm_box_to_grid(grown, (gh, gw))
+                box_px_f = (grown[0] * wh[0], grown[1] * wh[1], grown[2] * wh[0], grown[3] * wh[1])
+            else:
+                box_px_f = geometry.grid_box_to_pixels(box_grid, (gh, gw), wh)
+            box_px = geometry.grow_box_to_min_size(box_px_f, wh, zoom.min_roi_px)
             lo, hi = preprocess.roi_budget(self, p)
             if not geometry.crop_is_encodable(
                 box_px, a.token_px, lo, hi, max_aspect_ratio=self.config.max_aspect_ratio

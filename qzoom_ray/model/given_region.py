@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from qzoom_ray import geometry
 from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, PreparedRoi, ZoomRequest
 
@@ -21,11 +19,7 @@ if TYPE_CHECKING:
 def request_for_box(engine: QZoomEngine, prep: PreparedRecord, box_norm: Sequence[float]) -> ZoomRequest:
     """The RoI positions use the box's cells on the global grid, the crop its pixels (grown to min_roi_px)."""
     x0, y0, x1, y1 = (float(v) for v in box_norm)
-    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        raise ValueError(f"box must be normalised (0 <= x0 < x1 <= 1, same for y), got {tuple(box_norm)}")
-    gh, gw = prep.merged_grid
-    gx0, gy0 = min(int(np.floor(x0 * gw)), gw - 1), min(int(np.floor(y0 * gh)), gh - 1)
-    box_grid = (gx0, gy0, max(int(np.ceil(x1 * gw)), gx0 + 1), max(int(np.ceil(y1 * gh)), gy0 + 1))
+    box_grid = geometry.norm_box_to_grid((x0, y0, x1, y1), prep.merged_grid)
     w, h = prep.image_wh
     box_px = geometry.grow_box_to_min_size((x0 * w, y0 * h, x1 * w, y1 * h), prep.image_wh, engine.config.zoom.min_roi_px)
     return ZoomRequest(prepared=prep, gate_score=None, box_grid=box_grid, box_px=box_px, roi_map=None, prefix=None)

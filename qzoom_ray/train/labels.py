@@ -7,6 +7,7 @@ large or whose attention is too weak gets an all-ignore map and contributes no l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,3 +131,64 @@ def box_in_view(box_px: tuple[float, float, float, float], image_wh: tuple[int, 
     side = max(image_wh)
     dx, dy = (side - image_wh[0]) / 2, (side - image_wh[1]) / 2
     return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), (side, side)
+
+
+PixelBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in source pixels, exclusive ends
+_MAX_TILES_PER_SIDE = 32
+
+
+def label_tiles(image_wh: tuple[int, int], max_tile_pixels: int, overlap: float = 0.15) -> list[PixelBox]:
+    """The fewest evenly spaced, overlapping tiles of at most ``max_tile_pixels`` that cover the image.
+
+    Each tile is the image divided ``nx`` by ``ny`` ways, grown by ``overlap`` of its side so evidence cut by one
+    seam lies whole in a neighbour. Among layouts whose tiles are no more elongated than 2:1 (or the image), the
+    fewest tiles, then the squarest.
+    """
+    w, h = image_wh
+    if w < 1 or h < 1:
+        raise ValueError(f"image sides must be >= 1 pixel, got {image_wh}")
+    if max_tile_pixels < 1 or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"need max_tile_pixels >= 1 and 0 <= overlap < 1, got {max_tile_pixels}, {overlap}")
+
+    def side(total: int, n: int) -> int:
+        return total if n == 1 else min(total, math.ceil(total / n * (1.0 + overlap)))
+
+    # Key: fewest tiles, then the squarest tile; at most _MAX_TILES_PER_SIDE a side keeps the search tiny.
+    layouts = [(nx * ny, abs(math.log(side(w, nx) / side(h, ny))), nx, ny)
+               for nx in range(1, min(w, _MAX_TILES_PER_SIDE) + 1) for ny in range(1, min(h, _MAX_TILES_PER_SIDE) + 1)
+               if side(w, nx) * side(h, ny) <= max_tile_pixels]
+    if not layouts:
+        raise ValueError(f"no tiling of a {w}x{h} image into at most {_MAX_TILES_PER_SIDE}^2 tiles fits "
+                         f"{max_tile_pixels} pixels per tile")
+    # Thin strips would cut every text line short: keep tiles no more elongated than the image or 2:1.
+    max_skew = max(math.log(2.0), abs(math.log(w / h)))
+    best = min([k for k in layouts if k[1] <= max_skew + 1e-9] or layouts)
+    _, _, nx, ny = best
+    tw, th = side(w, nx), side(h, ny)
+    xs = [0] if nx == 1 else [round(i * (w - tw) / (nx - 1)) for i in range(nx)]
+    ys = [0] if ny == 1 else [round(j * (h - th) / (ny - 1)) for j in range(ny)]
+    return [(x, y, x + tw, y + th) for y in ys for x in xs]
+
+
+def _overlap_fractions(lo: float, hi: float, n_src: int, total: float, n_dst: int) -> np.ndarray:
+    """(n_dst, n_src): share of each source cell (an even split of [lo, hi)) inside each cell of [0, total)."""
+    src = lo + (hi - lo) * np.arange(n_src + 1) / n_src
+    dst = total * np.arange(n_dst + 1) / n_dst
+    inter = np.clip(np.minimum(dst[1:, None], src[None, 1:]) - np.maximum(dst[:-1, None], src[None, :-1]), 0.0, None)
+    return inter / ((hi - lo) / n_src)
+
+
+def spread_tile_map(tile_map: np.ndarray, tile_box: PixelBox, image_wh: tuple[int, int],
+                    grid_hw: tuple[int, int]) -> np.ndarray:
+    """A map read on a tile, moved onto the whole image's (h, w) grid; each tile cell's value is split over the
+    image cells it overlaps by area, so the total is kept and cells outside the tile get nothing."""
+    m = np.asarray(tile_map, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D tile map, got shape {m.shape}")
+    x0, y0, x1, y1 = tile_box
+    w, h = image_wh
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"tile {tile_box} is not inside the {w}x{h} image")
+    fy = _overlap_fractions(y0, y1, m.shape[0], h, grid_hw[0])
+    fx = _overlap_fractions(x0, x1, m.shape[1], w, grid_hw[1])
+    return fy @ m @ fx.T

@@ -13,12 +13,40 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qzoom_ray.config import EngineConfig, ModelConfig, StrictModel
+from qzoom_ray.eval.metrics import exact_match
 from qzoom_ray.train.attention import AttentionCapture, aggregate, head_maps, merge_head_sets, parse_heads
 from qzoom_ray.train.forward import Encoded, build_batch, encode, expand_to_square, image_columns
-from qzoom_ray.train.labels import LabelParams, box_in_view, evidence_cells, make_pseudo_label, padding_cells
+from qzoom_ray.train.labels import (
+    LabelParams,
+    PixelBox,
+    box_in_view,
+    evidence_cells,
+    label_tiles,
+    make_pseudo_label,
+    padding_cells,
+    spread_tile_map,
+)
+
+
+class TileFallback(StrictModel):
+    """Beyond the paper: labels for images too large for the base model to read at the label budget.
+
+    Where the base model's answer on the whole image is wrong and the image is large, it answers on overlapping
+    tiles instead; the attention of the tile whose answer matches the ground truth (the most peaked one if several
+    do) becomes the image's map, moved onto the whole image's grid. Everything outside that tile is then
+    background: the base model, reading each tile legibly, did not find the answer there.
+    """
+
+    min_image_pixels: int = Field(4_000_000, ge=1, description="Only images with more source pixels are tiled.")
+    max_tile_pixels: int = Field(
+        1_500_000, ge=1,
+        description="Source pixels per tile (overlap included); pick it so text the model reads at the label budget "
+        "on ordinary images is as large on a tile.",
+    )
+    overlap: float = Field(0.15, ge=0.0, lt=1.0, description="Each tile grows by this share of its side.")
 
 
 class PseudoLabelConfig(StrictModel):
@@ -51,6 +79,14 @@ class PseudoLabelConfig(StrictModel):
     min_peak: float = 5e-3
     batch_size: int = Field(4, ge=1)
     torch_threads: int | None = None
+    tile_fallback: TileFallback | None = Field(None, description="Label wrongly answered large images tile by tile.")
+
+    @model_validator(mode="after")
+    def _tiles_need_model_answers(self) -> PseudoLabelConfig:
+        if self.tile_fallback is not None and (self.answer_source != "model" or self.pad_to_square):
+            raise ValueError("tile_fallback needs answer_source: model (a wrong answer triggers it) and "
+                             "pad_to_square: false (tile maps are placed on the image's own grid)")
+        return self
 
     def label_params(self) -> LabelParams:
         return LabelParams(self.sink_thresh, self.fg_coeff, self.bg_coeff, self.max_area_ratio, self.min_peak)
@@ -160,12 +196,19 @@ class PseudoLabeler:
         # An empty answer has no rows to average; the ground truth keeps the record usable.
         answers = [a if a.strip() else _gt(r) for a, r in zip(answers, rows, strict=True)]
         enc, maps = self.reader.read(views, questions, answers, merge_head_sets(self.grounding, self.sink))
+        tiled = self._tile_fallback(rows, originals, questions, answers) if self.cfg.tile_fallback else {}
         params = self.cfg.label_params()
         out = []
-        for r, q, im, e, m, ans in zip(rows, questions, originals, enc, maps, answers, strict=True):
+        for i, (r, q, im, e, m) in enumerate(zip(rows, questions, originals, enc, maps, strict=True)):
             gh, gw = e.merged_grid
             attn = aggregate(m, self.grounding)
             sink = aggregate(m, self.sink)
+            ans, read_box = answers[i], (0, 0, im.width, im.height)
+            if i in tiled:
+                read_box, ans, tile_attn, tile_sink = tiled[i]
+                attn = torch.from_numpy(spread_tile_map(tile_attn.numpy(), read_box, im.size, (gh, gw)))
+                if tile_sink is not None:
+                    sink = torch.from_numpy(spread_tile_map(tile_sink.numpy(), read_box, im.size, (gh, gw)))
             pad = padding_cells((gh, gw), im.size, max(im.size)) if self.cfg.pad_to_square else None
             lab = make_pseudo_label(attn.numpy(), None if sink is None else sink.numpy(), pad, params)
             out.append({
@@ -185,8 +228,38 @@ class PseudoLabeler:
                 "reason": lab.reason,
                 "fg_box": list(lab.fg_box) if lab.fg_box else None,
                 "evidence_box": list(r["evidence_box"]) if r.get("evidence_box") is not None else None,
+                # The source-pixel region whose attention the map holds: the whole image unless a tile was read.
+                "read_box": [int(v) for v in read_box],
             })
         return out
+
+    def _tile_fallback(self, rows: list[dict[str, Any]], images: list[Image.Image], questions: list[str],
+                       answers: list[str]) -> dict[int, tuple[PixelBox, str, torch.Tensor, torch.Tensor | None]]:
+        """Per row that needs it and has a tile answered right: (tile box, answer, grounding map, sink map)."""
+        tf = self.cfg.tile_fallback
+        assert tf is not None
+        jobs: list[tuple[int, PixelBox]] = []
+        for i, (r, im, a) in enumerate(zip(rows, images, answers, strict=True)):
+            if im.width * im.height > tf.min_image_pixels and not exact_match(a, [_gt(r)]):
+                jobs += [(i, box) for box in label_tiles(im.size, tf.max_tile_pixels, tf.overlap)]
+        if not jobs:
+            return {}
+        crops = [images[i].crop(box) for i, box in jobs]
+        tile_answers = self.reader.answer(crops, [questions[i] for i, _ in jobs], self.cfg.max_new_tokens)
+        right = [k for k, (i, _) in enumerate(jobs) if exact_match(tile_answers[k], [_gt(rows[i])])]
+        best: dict[int, tuple[float, tuple[PixelBox, str, torch.Tensor, torch.Tensor | None]]] = {}
+        heads = merge_head_sets(self.grounding, self.sink)
+        for start in range(0, len(right), self.cfg.batch_size):
+            chunk = right[start : start + self.cfg.batch_size]
+            _, maps = self.reader.read([crops[k] for k in chunk], [questions[jobs[k][0]] for k in chunk],
+                                       [tile_answers[k] for k in chunk], heads)
+            for k, m in zip(chunk, maps, strict=True):
+                i, box = jobs[k]
+                attn = aggregate(m, self.grounding)
+                peak = float(attn.max())
+                if i not in best or peak > best[i][0]:
+                    best[i] = (peak, (box, tile_answers[k], attn, aggregate(m, self.sink)))
+        return {i: v for i, (_, v) in best.items()}
 
 
 def _to_png(image: Image.Image) -> bytes:

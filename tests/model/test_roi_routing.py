@@ -89,3 +89,37 @@ def test_peak_relative_mode_boxes_a_timid_map(tiny_model_dir, monkeypatch):
     bx0, by0, bx1, by1 = relative.box_grid
     assert bx0 <= x0 and by0 <= y0 and bx1 >= x1 and by1 >= y1
     assert (bx1 - bx0) * (by1 - by0) <= (x1 - x0 + 2) * (y1 - y0 + 2) < prob.size
+
+
+def test_roi_margin_grows_the_crop_and_its_positions_together(tiny_model_dir, monkeypatch):
+    w, h, (x0, y0, x1, y1) = CASES["wide"]
+    record = EngineRecord("wide", make_image_bytes(w, h, 0), "Which code?", gate_thresh=0.0)
+
+    def run(margin: float) -> ZoomRequest:
+        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"sink_mask": False, "roi_thresh": 0.5,
+                                                                  "roi_margin": margin}))
+        prep = engine.prepare(record)
+        gh, gw = prep.merged_grid
+
+        def hot_block(score_layer, hidden, pos_emb):
+            out = torch.full(hidden.shape[:2], -20.0)
+            block = np.full((gh, gw), -20.0)
+            block[y0:y1, x0:x1] = 20.0
+            out[0, prep.image_start : prep.image_start + gh * gw] = torch.from_numpy(block.reshape(-1))
+            return out, None
+
+        monkeypatch.setattr(engine.adapter, "roi_logits", hot_block)
+        req = engine.coarse([prep], keep_prefix=True)[0]
+        assert isinstance(req, ZoomRequest)
+        return req
+
+    tight, padded = run(0.0), run(0.1)
+    gh, gw = tight.prepared.merged_grid
+    tx0, ty0, tx1, ty1 = tight.box_px
+    px0, py0, px1, py1 = padded.box_px
+    # 0.1 of the image side on every side of the paper's box, clamped to the image.
+    assert (px0, py0) == (max(0, round(tx0 - 0.1 * w)), max(0, round(ty0 - 0.1 * h)))
+    assert (px1, py1) == (min(w, round(tx1 + 0.1 * w)), min(h, round(ty1 + 0.1 * h)))
+    # The RoI position ids cover the grown crop: its grid box holds every cell the crop touches.
+    assert padded.box_grid == geometry.norm_box_to_grid((px0 / w, py0 / h, px1 / w, py1 / h), (gh, gw))
+    assert padded.box_grid[0] <= tight.box_grid[0] and padded.box_grid[2] >= tight.box_grid[2]

@@ -109,3 +109,51 @@ def test_reading_with_the_last_prompt_row_adds_the_row_that_produced_the_answer(
         torch.testing.assert_close(maps_a[(1, h)], ref_a, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(maps_p[(1, h)], ref_p, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(maps_a[(1, 0)], maps_p[(1, 0)])
+
+
+def test_tile_fallback_labels_a_large_image_from_the_tile_answered_right(eager_model):
+    from qzoom_ray.train.labels import spread_tile_map
+    from qzoom_ray.train.pseudo import PseudoLabelConfig, PseudoLabeler, _to_png
+
+    page = _image(7, 224, 168)
+    page.paste((255, 0, 0), (150, 100, 180, 130))  # the 'evidence': only tiles holding all of it answer right
+    rows = [{"id": "big", "image": _to_png(page), "question": "Which colour?", "answer": "red"},
+            {"id": "small", "image": _to_png(_image(8, 112, 84)), "question": "Which colour?", "answer": "red"}]
+    cfg = PseudoLabelConfig(model=ModelConfig(path="unused"), budget_tokens=12, grounding_heads={1: None},
+                            answer_source="model", max_new_tokens=3, max_area_ratio=1.1,
+                            tile_fallback={"min_image_pixels": 20_000, "max_tile_pixels": 12_000, "overlap": 0.2})
+    labeler = PseudoLabeler(cfg, loaded=eager_model)
+    asked: list[tuple[int, int]] = []
+
+    def answer(images, questions, max_new_tokens):  # a stand-in base model that reads only small images
+        asked.extend(im.size for im in images)
+        red = [(np.asarray(im) == (255, 0, 0)).all(-1).sum() == 900 for im in images]
+        return ["red" if r and im.width * im.height <= 12_000 else "blue" for r, im in zip(red, images, strict=True)]
+
+    labeler.reader.answer = answer
+    big, small = labeler(rows)
+
+    assert asked[:2] == [(224, 168), (112, 84)] and len(asked) > 2  # only the large, wrongly answered page is tiled
+    assert all(w * h <= 12_000 for w, h in asked[2:])
+    x0, y0, x1, y1 = big["read_box"]
+    assert big["answer"] == "red" and x0 <= 150 and y0 <= 100 and x1 >= 180 and y1 >= 130
+    assert (x1 - x0) * (y1 - y0) <= 12_000
+    # The map is the tile's attention, read again on the tile and placed on the page's grid.
+    grid = (big["grid_h"], big["grid_w"])
+    (enc,), (maps,) = labeler.reader.read([page.crop((x0, y0, x1, y1))], ["Which colour?"], ["red"], {1: None})
+    tile_attn = torch.stack([m for m in maps.values()]).mean(0).numpy()
+    expected = spread_tile_map(tile_attn, (x0, y0, x1, y1), page.size, grid)
+    np.testing.assert_allclose(np.reshape(big["attn_map"], grid), expected, rtol=1e-4, atol=1e-7)
+    assert small["answer"] == "blue" and small["read_box"] == [0, 0, 112, 84]  # too small to tile: left as it was
+
+
+def test_tile_fallback_needs_model_answers_on_the_unpadded_grid():
+    from pydantic import ValidationError
+
+    from qzoom_ray.train.pseudo import PseudoLabelConfig
+
+    base = {"grounding_heads": {1: None}, "tile_fallback": {}}
+    for bad in ({"pad_to_square": True}, {"answer_source": "ground_truth"}):
+        with pytest.raises(ValidationError, match="tile_fallback needs"):
+            PseudoLabelConfig.model_validate({**base, **bad})
+    assert PseudoLabelConfig.model_validate(base).tile_fallback.max_tile_pixels == 1_500_000

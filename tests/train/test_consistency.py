@@ -112,3 +112,6 @@ def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
     relative = write_thresholds(tmp_path / "missing.yaml", tmp_path / "rel.yaml", 0.5, 0.8, roi_thresh_mode="peak_relative")
     assert yaml.safe_load(relative.read_text()) == {
         "zoom": {"gate_thresh": 0.5, "roi_thresh": 0.8, "roi_thresh_mode": "peak_relative"}}
+    margin = write_thresholds(tmp_path / "missing.yaml", tmp_path / "m.yaml", 0.5, 0.8, roi_thresh_mode="peak_relative",
+                              roi_margin=0.05)
+    assert yaml.safe_load(margin.read_text())["zoom"]["roi_margin"] == 0.05

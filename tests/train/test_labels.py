@@ -1,10 +1,21 @@
-"""Stage-1 label denoising on hand-made attention maps (spec §1.6)."""
+"""Stage-1 label denoising on hand-made attention maps (spec §1.6), and the tiles of the large-image fallback."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qzoom_ray.train.labels import IGNORE, LabelParams, evidence_cells, make_pseudo_label, padding_cells
+from qzoom_ray.train.labels import (
+    IGNORE,
+    LabelParams,
+    evidence_cells,
+    label_tiles,
+    make_pseudo_label,
+    padding_cells,
+    spread_tile_map,
+)
 
 
 def _map(h: int = 10, w: int = 10, base: float = 1e-4) -> np.ndarray:
@@ -67,3 +78,53 @@ def test_evidence_cells_cover_the_box():
     cells = evidence_cells((50, 0, 150, 40), (200, 100), (5, 4))
     assert cells.shape == (5, 4)
     assert cells[0:2, 1:3].all() and cells.sum() == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 6000), h=st.integers(1, 6000), max_px=st.integers(100_000, 3_000_000),
+       overlap=st.floats(0.0, 0.5))
+def test_label_tiles_cover_the_image_within_the_pixel_cap(w, h, max_px, overlap):
+    tiles = label_tiles((w, h), max_px, overlap)
+    covered = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in tiles:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert (x1 - x0) * (y1 - y0) <= max_px
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    if w * h <= max_px:
+        assert tiles == [(0, 0, w, h)]
+
+
+def test_label_tiles_refuse_a_cap_no_layout_meets():
+    with pytest.raises(ValueError, match="no tiling"):
+        label_tiles((6000, 6000), 100 * 100)  # 32 x 32 tiles of 6000 px are still 188 px a side
+
+
+def test_label_tiles_of_an_ultra_hr_page_overlap_and_stay_close_to_square():
+    tiles = label_tiles((4500, 3000), 1_500_000, 0.15)
+    assert len(tiles) == 12  # 4 x 3
+    x0, y0, x1, y1 = tiles[0]
+    assert 1.0 <= (x1 - x0) / (y1 - y0) <= 2.0
+    assert tiles[1][0] < x1  # neighbours overlap, so text cut by one seam is whole in the next tile
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_spread_tile_map_keeps_mass_inside_the_tile(data):
+    w, h = data.draw(st.integers(20, 5000)), data.draw(st.integers(20, 5000))
+    x0, y0 = data.draw(st.integers(0, w - 2)), data.draw(st.integers(0, h - 2))
+    x1, y1 = data.draw(st.integers(x0 + 1, w)), data.draw(st.integers(y0 + 1, h))
+    th, tw, gh, gw = (data.draw(st.integers(1, 40)) for _ in range(4))
+    tile = np.random.default_rng(data.draw(st.integers(0, 99))).random((th, tw))
+    canvas = spread_tile_map(tile, (x0, y0, x1, y1), (w, h), (gh, gw))
+    assert canvas.shape == (gh, gw)
+    np.testing.assert_allclose(canvas.sum(), tile.sum(), rtol=1e-9)
+    outside = ~evidence_cells((x0, y0, x1, y1), (w, h), (gh, gw))
+    assert np.all(canvas[outside] == 0.0)
+
+
+def test_spread_tile_map_puts_a_tile_cell_where_it_lies_on_the_page():
+    tile = np.zeros((4, 4))
+    tile[1, 2] = 1.0  # pixels x 200..300, y 100..200 of a 400 x 400 tile at (1000, 2000)
+    canvas = spread_tile_map(tile, (1000, 2000, 1400, 2400), (4000, 3000), (30, 40))  # cells of 100 x 100 px
+    assert canvas[21, 12] == 1.0 and canvas.sum() == 1.0
