@@ -6,7 +6,8 @@
 
 Targets: ``--target accuracy`` (default): fewest zooms whose accuracy stays within --max-drop of the
 baseline at --reference-budget (or of the best pair); ``--target zoom_rate``: best accuracy with at
-most --max-zoom-rate of the records zoomed. Runs in-process (a validation set is small); in a
+most --max-zoom-rate of the records zoomed. ``--by-budget`` files the pair under the --max-tokens budget
+(``zoom.thresholds_by_budget``), so one config can carry a pair per serving budget. Runs in-process (a validation set is small); in a
 cluster, submit it as a Ray job on a GPU node.
 """
 
@@ -29,6 +30,9 @@ def main() -> None:
                    help="how --roi-grid values are read (ZoomConfig.roi_thresh_mode); written into the config")
     p.add_argument("--roi-margin", type=float, default=0.0,
                    help="grow every box by this share of the image side (ZoomConfig.roi_margin); written into the config")
+    p.add_argument("--by-budget", action="store_true",
+                   help="write the pair under zoom.thresholds_by_budget[--max-tokens] (used by records at that budget) "
+                   "instead of the global zoom.gate_thresh / roi_thresh")
     p.add_argument("--reference-budget", type=int, help="baseline Max-N whose accuracy is the reference")
     p.add_argument("--target", choices=["accuracy", "zoom_rate"], default="accuracy")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy (fraction) allowed below the reference")
@@ -50,10 +54,11 @@ def main() -> None:
     table = collect_table(loaded, rows, args.min_tokens, args.max_tokens, grid, args.reference_budget, args.batch_size,
                           roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin)
     choice = choose_thresholds(table, args.target, args.max_drop, args.max_zoom_rate)
-    note = (f"{args.target} target on {len(rows)} records of {Path(args.data).name}: accuracy "
+    note = (f"{args.target} target on {len(rows)} records of {Path(args.data).name} at Max-{args.max_tokens}: accuracy "
             f"{choice['accuracy']:.3f}, zoom rate {choice['zoom_rate']:.3f}")
     write_thresholds(args.config_in or args.config_out, args.config_out, choice["tau_gate"], choice["tau_roi"], note,
-                     roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin)
+                     roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin,
+                     budget=args.max_tokens if args.by_budget else None)
     choice["roi_thresh_mode"] = args.roi_thresh_mode
     choice["roi_margin"] = args.roi_margin
     if args.report:

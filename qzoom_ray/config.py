@@ -83,6 +83,11 @@ class ModelConfig(StrictModel):
     )
 
 
+class BudgetThresholds(StrictModel):
+    gate_thresh: float = Field(..., ge=0.0, description="tau_gate at this budget.")
+    roi_thresh: float = Field(..., ge=0.0, description="tau_roi at this budget (read by roi_thresh_mode).")
+
+
 class ZoomConfig(StrictModel):
     mode: Literal["qzoom", "baseline"] = Field(
         "qzoom", description="qzoom: gate + RoI zoom. baseline: plain single pass at the pixel budget."
@@ -102,6 +107,13 @@ class ZoomConfig(StrictModel):
         lt=0.5,
         description="Beyond the paper: each side of the RoI box moves out by this share of the image's width/height "
         "(stage 2 tunes on pseudo-RoI boxes with a margin of context). 0: the paper's tight box.",
+    )
+    thresholds_by_budget: dict[int, BudgetThresholds] = Field(
+        default_factory=dict,
+        description="Beyond the paper: (tau_gate, tau_roi) calibrated at a global-view budget, keyed by its Max-N "
+        "(max_pixels / token_px^2). A record whose upper budget has an entry uses it instead of gate_thresh / "
+        "roi_thresh (its own per-record values still win). The gate reads a sharper view at a higher budget and "
+        "scores it differently, so a pair chosen at one budget is rarely the best at another.",
     )
     min_pixels: int = Field(256 * QWEN25_TOKEN_PX**2, gt=0, description="Lower pixel budget of the global view.")
     max_pixels: int = Field(576 * QWEN25_TOKEN_PX**2, gt=0, description="Upper pixel budget of the global view.")

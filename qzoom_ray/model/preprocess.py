@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qzoom_ray import geometry
+from qzoom_ray.config import BudgetThresholds, ZoomConfig
 from qzoom_ray.images import ImageError, crop_image, load_image
 from qzoom_ray.model.processor import build_prompt, image_size_kwargs
 from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, PreparedRoi, ZoomRequest
@@ -52,6 +53,7 @@ def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord 
         return error_result(record.id, str(exc))
     input_ids = np.asarray(out["input_ids"][0], dtype=np.int64)
     image_start = int(np.flatnonzero(input_ids == engine.image_token_id)[0])
+    default = budget_thresholds(cfg.zoom, hi, engine.adapter.token_px)
     return PreparedRecord(
         record=record,
         image_wh=(image.width, image.height),
@@ -62,11 +64,17 @@ def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord 
         image_start=image_start,
         min_pixels=lo,
         max_pixels=hi,
-        gate_thresh=cfg.zoom.gate_thresh if record.gate_thresh is None else record.gate_thresh,
-        roi_thresh=cfg.zoom.roi_thresh if record.roi_thresh is None else record.roi_thresh,
+        gate_thresh=default.gate_thresh if record.gate_thresh is None else record.gate_thresh,
+        roi_thresh=default.roi_thresh if record.roi_thresh is None else record.roi_thresh,
         max_new_tokens=record.max_new_tokens or cfg.generation.max_new_tokens,
         prep_s=time.perf_counter() - t0,
     )
+
+
+def budget_thresholds(zoom: ZoomConfig, max_pixels: int, token_px: int) -> BudgetThresholds:
+    """The (tau_gate, tau_roi) pair calibrated for this upper budget, else the config's global pair."""
+    entry = zoom.thresholds_by_budget.get(round(max_pixels / token_px**2))
+    return entry or BudgetThresholds(gate_thresh=zoom.gate_thresh, roi_thresh=zoom.roi_thresh)
 
 
 def roi_budget(engine: QZoomEngine, prepared: PreparedRecord) -> tuple[int, int]:

@@ -122,15 +122,22 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
 
 
 def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: float, tau_roi: float,
-                     note: str = "", roi_thresh_mode: str | None = None, roi_margin: float | None = None) -> Path:
+                     note: str = "", roi_thresh_mode: str | None = None, roi_margin: float | None = None,
+                     budget: int | None = None) -> Path:
     """Set ``zoom.gate_thresh`` / ``zoom.roi_thresh`` (and ``roi_thresh_mode`` / ``roi_margin`` when given: the
-    pair was chosen under them) at the top level, or under ``engine:``, of a YAML config."""
+    pair was chosen under them) at the top level, or under ``engine:``, of a YAML config. With ``budget`` the pair
+    goes to ``zoom.thresholds_by_budget[budget]`` instead; the mode and margin are shared by every budget."""
     src = Path(config_in)
     data = (yaml.safe_load(src.read_text()) or {}) if src.exists() else {}
     holder = data["engine"] if isinstance(data.get("engine"), dict) and "zoom" in data["engine"] else data
     zoom = holder.setdefault("zoom", {})
-    zoom["gate_thresh"] = round(float(tau_gate), 6)
-    zoom["roi_thresh"] = round(float(tau_roi), 6)
+    pair = {"gate_thresh": round(float(tau_gate), 6), "roi_thresh": round(float(tau_roi), 6)}
+    if budget is None:
+        zoom.update(pair)
+    else:
+        by_budget = zoom.setdefault("thresholds_by_budget", {})
+        by_budget[int(budget)] = pair
+        zoom["thresholds_by_budget"] = dict(sorted(by_budget.items()))
     if roi_thresh_mode is not None:
         zoom["roi_thresh_mode"] = roi_thresh_mode
     if roi_margin is not None:

@@ -32,6 +32,12 @@ class MapJob(StrictModel):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     limit: int | None = Field(None, description="First N input rows only.")
+    no_progress_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Fail when no block moves for this long; None: never. Ray Data's default (30 min) is shorter than "
+        "one actor can take over a block of large images on a CPU, where no block is emitted until it fills.",
+    )
 
 
 def _map(job: MapJob, factory: str, actor_cfg: dict[str, Any]) -> int:
@@ -39,7 +45,7 @@ def _map(job: MapJob, factory: str, actor_cfg: dict[str, Any]) -> int:
 
     return map_parquet(job.input, job.output, factory, actor_cfg, concurrency=job.concurrency,
                        batch_size=job.rows_per_batch, num_gpus=job.gpus_per_actor, num_cpus=job.cpus_per_actor,
-                       limit=job.limit)
+                       limit=job.limit, no_progress_timeout_s=job.no_progress_timeout_s)
 
 
 class PseudoLabelJob(MapJob):

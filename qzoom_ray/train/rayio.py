@@ -28,9 +28,16 @@ class RowMapper:
 
 
 def map_parquet(input_path: str, output_path: str, factory: str, cfg: dict[str, Any], *, concurrency: int = 1,
-                batch_size: int = 16, num_gpus: float = 0.0, num_cpus: float = 1.0, limit: int | None = None) -> int:
-    """``input_path`` rows -> ``factory(cfg)`` on ``concurrency`` actors -> Parquet files under ``output_path``."""
+                batch_size: int = 16, num_gpus: float = 0.0, num_cpus: float = 1.0, limit: int | None = None,
+                no_progress_timeout_s: float | None = None) -> int:
+    """``input_path`` rows -> ``factory(cfg)`` on ``concurrency`` actors -> Parquet files under ``output_path``.
+
+    ``no_progress_timeout_s``: how long the run may go without a block moving (None: no limit)."""
     import ray.data
+
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = (
+        -1 if no_progress_timeout_s is None else no_progress_timeout_s
+    )
 
     ds = ray.data.read_parquet(input_path)
     if limit is not None:

@@ -123,3 +123,18 @@ def test_roi_margin_grows_the_crop_and_its_positions_together(tiny_model_dir, mo
     # The RoI position ids cover the grown crop: its grid box holds every cell the crop touches.
     assert padded.box_grid == geometry.norm_box_to_grid((px0 / w, py0 / h, px1 / w, py1 / h), (gh, gw))
     assert padded.box_grid[0] <= tight.box_grid[0] and padded.box_grid[2] >= tight.box_grid[2]
+
+
+def test_a_pair_calibrated_for_the_records_budget_overrides_the_global_pair(tiny_model_dir):
+    engine = QZoomEngine(engine_config(tiny_model_dir, zoom={
+        "gate_thresh": 0.4, "roi_thresh": 0.3, "thresholds_by_budget": {256: {"gate_thresh": 0.01, "roi_thresh": 0.5}}}))
+    px = engine.adapter.token_px**2
+    image = make_image_bytes(300, 200, 0)
+
+    def pair(**kw) -> tuple[float, float]:
+        prep = engine.prepare(EngineRecord("r", image, "Which code?", min_pixels=16 * px, **kw))
+        return prep.gate_thresh, prep.roi_thresh
+
+    assert pair(max_pixels=256 * px) == (0.01, 0.5)
+    assert pair(max_pixels=128 * px) == (0.4, 0.3)  # no entry for Max-128: the global pair
+    assert pair(max_pixels=256 * px, gate_thresh=0.9) == (0.9, 0.5)  # a record's own value still wins

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qzoom_ray.config import ZoomConfig
 from qzoom_ray.train.calibrate import NEVER, CalibrationTable, choose_thresholds, write_thresholds
 from qzoom_ray.train.consistency import (
     EASY,
@@ -115,3 +116,11 @@ def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
     margin = write_thresholds(tmp_path / "missing.yaml", tmp_path / "m.yaml", 0.5, 0.8, roi_thresh_mode="peak_relative",
                               roi_margin=0.05)
     assert yaml.safe_load(margin.read_text())["zoom"]["roi_margin"] == 0.05
+    per_budget = write_thresholds(margin, tmp_path / "b.yaml", 0.01, 0.5, budget=256)
+    per_budget = write_thresholds(per_budget, per_budget, 0.2, 0.6, budget=64)
+    zoom = yaml.safe_load(per_budget.read_text())["zoom"]
+    assert (zoom["gate_thresh"], zoom["roi_thresh"]) == (0.5, 0.8)  # the global pair is kept
+    assert zoom["thresholds_by_budget"] == {64: {"gate_thresh": 0.2, "roi_thresh": 0.6},
+                                            256: {"gate_thresh": 0.01, "roi_thresh": 0.5}}
+    assert list(zoom["thresholds_by_budget"]) == [64, 256]
+    assert ZoomConfig.model_validate(zoom).thresholds_by_budget[256].gate_thresh == 0.01

@@ -82,6 +82,11 @@ def test_stage1_pseudo_labels_job_and_rpn(ray_local, stage_dirs, tiny_base_dir):
     assert summary["rows"] == 3
     labelled = pq.read_table(root / "labels").to_pylist()
     assert all(len(r["labels"]) == r["grid_h"] * r["grid_w"] == 16 for r in labelled)
+    assert all(r["read_box"] == [0, 0, 112, 112] for r in labelled)  # no tile_fallback: the whole image was read
+    import ray.data
+
+    # A labelling block of large images can take longer than Ray Data's 30-minute no-progress guard on a CPU.
+    assert ray.data.DataContext.get_current().execution_no_progress_timeout_s == -1
 
     # A learnable target: the evidence is always the top-left 2x2 cells (the random base cannot know that).
     for r in labelled:
