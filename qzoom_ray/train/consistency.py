@@ -9,6 +9,7 @@ budgets (wrong -> right as resolution grows). Such a record is "hard" (it needs 
 
 from __future__ import annotations
 
+import math
 import string
 from collections import Counter
 from collections.abc import Sequence
@@ -64,12 +65,17 @@ def classify_ladder(answers: Sequence[str], ground_truth: Sequence[str] | str) -
 
 
 def draw_label(verdict: LadderVerdict, n_budgets: int, rng: np.random.Generator,
-               p_positive: float = 0.9) -> tuple[int, int] | None:
+               p_positive: float = 0.9, zoom_correct: Sequence[float | None] | None = None) -> tuple[int, int] | None:
     """(budget index, label) for one fetch of a kept record, or None when the draw yields nothing.
 
     Easy: a correct budget other than the top two -> 0. Hard: with ``p_positive`` one of the last two
     wrong budgets (closest to the transition) -> 1; otherwise a correct non-top budget -> 0 when more
     than two correct budgets exist (the authors' rule).
+
+    ``zoom_correct`` (beyond the paper; per budget, None where not checked) is whether the Q-Zoom path
+    answered right at that budget. A drawn wrong budget where the zoom pass was checked and failed is
+    labelled 0: a higher budget would have helped, but this model's zoom does not, so zooming there only
+    costs time (counting questions: the crop shows one of the shapes a second time).
     """
     if verdict.kind == EASY:
         choices = list(range(n_budgets - 2))
@@ -77,7 +83,10 @@ def draw_label(verdict: LadderVerdict, n_budgets: int, rng: np.random.Generator,
     if verdict.kind != HARD:
         return None
     if rng.random() < p_positive:
-        return int(rng.choice(verdict.wrong[-2:])), 1
+        b = int(rng.choice(verdict.wrong[-2:]))
+        checked = zoom_correct[b] if zoom_correct is not None and b < len(zoom_correct) else None
+        # NaN, like None, marks a budget that was not checked (it keeps a Parquet column's type fixed).
+        return b, int(checked is None or math.isnan(checked) or checked >= 0.5)
     correct = [i for i in range(n_budgets) if i not in verdict.wrong]
     if len(correct) > 2:
         return int(rng.choice(correct[:-2])), 0

@@ -94,9 +94,10 @@ class SftJob(StrictModel):
     roi_pad_cells: int = Field(2, ge=0, description="Margin added around each pseudo-RoI box, in label-grid cells.")
     direct_replay: float = Field(
         0.0, ge=0,
-        description="source: pseudo_labels only. Direct rows (global view, no crop) per zoomed row, each taught the "
-        "starting checkpoint's own answer at the training budget (computed first, with mine.model). Stage 2 trains "
-        "every decoder layer, and with zoomed rows alone the ungated path drifts; the authors' stage 2 has none.",
+        description="Direct rows (global view, no crop) per zoomed row, each taught the starting checkpoint's own "
+        "answer at the training budget (pseudo_labels: computed first, with mine.model; mined: the miner's "
+        "direct answers that the judge passed). Stage 2 trains every decoder layer, and with zoomed rows alone "
+        "the ungated path drifts; the authors' stage 2 has none.",
     )
     mine: MineConfig
     train: SftConfig
@@ -135,10 +136,15 @@ def direct_replay_rows(job: SftJob, label_rows: list[dict[str, Any]], n: int) ->
 
 
 def train_on_mined(job: SftJob) -> dict[str, Any]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qzoom_ray.train.sft import pseudo_roi_rows, select_training_rows, train_sft
+    from qzoom_ray.train.sft import (
+        mined_direct_rows,
+        pseudo_roi_rows,
+        select_training_rows,
+        sft_training_table,
+        train_sft,
+    )
 
     if job.source == "pseudo_labels":
         if not job.pseudo_labels:
@@ -151,18 +157,22 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
         summary = {"source": "pseudo_labels", "label_rows": len(labels), "zoomed_rows": len(picked),
                    "direct_rows": len(direct), "training_rows": len(picked) + len(direct)}
         picked = picked + direct
-        # The shard reader shuffles only locally: interleave the two kinds here.
-        picked = [picked[int(i)] for i in np.random.default_rng(job.train.seed).permutation(len(picked))]
     else:
-        rows = pq.read_table(job.mined).to_pylist()
+        # Only the miner's part files: earlier runs left training/ and direct*/ sub-folders beside them.
+        rows = read_rows(sorted(str(p) for p in Path(job.mined).glob("*.parquet")))
         picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
+        direct = mined_direct_rows(rows, round(job.direct_replay * len(picked)), job.train.seed) if picked else []
         kinds = [r["kind"] for r in rows]
         summary = {"mined": len(rows), "regressions": kinds.count("regression"),
-                   "improvements": kinds.count("improvement"), "training_rows": len(picked), "judge": job.mine.judge}
+                   "improvements": kinds.count("improvement"), "direct_rows": len(direct),
+                   "training_rows": len(picked) + len(direct), "judge": job.mine.judge}
+        picked = picked + direct
     if not picked:
         raise ValueError(f"no stage-2 training rows: {summary}")
+    # The shard reader shuffles only locally: interleave the kinds here.
+    picked = [picked[int(i)] for i in np.random.default_rng(job.train.seed).permutation(len(picked))]
     path = Path(job.mined) / "training" / "sft-train.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(picked), path)
+    pq.write_table(sft_training_table(picked), path)
     # `mined` holds Ray Data's part files; the training file lives in a sub-folder read on its own.
     return train_sft(job.train.model_copy(update={"data_path": str(path)}), summary)

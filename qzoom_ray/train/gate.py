@@ -8,6 +8,7 @@ train, and nothing past layer K-1 of the backbone runs.
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from qzoom_ray.train.common import (
     train_and_report,
     worker_setup,
 )
-from qzoom_ray.train.consistency import classify_ladder, draw_label, filter_summary, mix_hard_easy
+from qzoom_ray.train.consistency import HARD, classify_ladder, draw_label, filter_summary, mix_hard_easy
 from qzoom_ray.train.forward import build_batch, encode, hidden_at_k
 from qzoom_ray.train.rpn import copy_base_layers
 
@@ -47,6 +48,16 @@ class LadderConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     torch_threads: int | None = None
+    zoom_check: bool = Field(
+        False,
+        description="Beyond the paper: also answer each hard record through the Q-Zoom path (gate forced on) at its "
+        "last two wrong budgets, into `zoom_correct`; the gate is then not taught to zoom where the zoom failed "
+        "(consistency.draw_label). Needs a model with a twig: the checkpoint the gate will serve with.",
+    )
+    roi_thresh: float = Field(0.1, ge=0.0, description="tau_roi of the checked zoom path (zoom_check).")
+    roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
+        "absolute", description="How roi_thresh is read (ZoomConfig.roi_thresh_mode) in the checked zoom path."
+    )
 
 
 def _answers(row: dict[str, Any]) -> list[str]:
@@ -72,6 +83,14 @@ class LadderAnswerer:
         loaded = loaded or load_model(cfg.model)
         ecfg = EngineConfig(model=cfg.model, zoom={"mode": "baseline"}, max_batch_size=cfg.batch_size)
         self.engine = QZoomEngine(ecfg, loaded=loaded)
+        self.zoom_engine = None
+        if cfg.zoom_check:
+            if loaded.heads is None:
+                raise ValueError("zoom_check needs a checkpoint with a twig (Q-Zoom heads)")
+            zcfg = EngineConfig(model=cfg.model, max_batch_size=cfg.batch_size,
+                                zoom={"mode": "qzoom", "gate_thresh": 0.0, "roi_thresh": cfg.roi_thresh,
+                                      "roi_thresh_mode": cfg.roi_thresh_mode})
+            self.zoom_engine = QZoomEngine(zcfg, loaded=loaded)
         self.px = loaded.adapter.token_px**2
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,19 +102,34 @@ class LadderAnswerer:
             for i, r in enumerate(rows) for j, b in enumerate(self.cfg.budgets)
         ]
         results = {res.id: res for res in self.engine.generate(recs)}
+        answers = [[results[f"{i}:{j}"].answer or "" for j in range(len(self.cfg.budgets))] for i in range(len(rows))]
+        verdicts = [classify_ladder(ms, _answers(r)) for ms, r in zip(answers, rows, strict=True)]
+        zoomed = self._zoom_answers(rows, verdicts)
         out = []
-        for i, r in enumerate(rows):
+        for i, (r, ms, verdict) in enumerate(zip(rows, answers, verdicts, strict=True)):
             gts = _answers(r)
-            ms = [results[f"{i}:{j}"].answer or "" for j in range(len(self.cfg.budgets))]
             metric = str(r.get("metric") or "exact_match")
-            verdict = classify_ladder(ms, gts)
             out.append({
                 "id": str(r.get("id", i)), "image": _bytes(r["image"]), "question": str(r["question"]),
                 "answers": gts, "budgets": list(self.cfg.budgets), "ms_answers": ms,
                 "ms_correct": [score(a, gts, metric, r.get("choices")) for a in ms],
                 "kind": verdict.kind, "wrong": list(verdict.wrong),
+                "zoom_correct": [score(zoomed[(i, j)], gts, metric, r.get("choices")) if (i, j) in zoomed else math.nan
+                                 for j in range(len(self.cfg.budgets))],
             })
         return out
+
+    def _zoom_answers(self, rows: list[dict[str, Any]], verdicts: list[Any]) -> dict[tuple[int, int], str]:
+        """The Q-Zoom path's answers at each hard record's last two wrong budgets (zoom_check), keyed (row, budget)."""
+        from qzoom_ray.model.state import EngineRecord
+
+        if self.zoom_engine is None:
+            return {}
+        keys = [(i, j) for i, v in enumerate(verdicts) if v.kind == HARD for j in v.wrong[-2:]]
+        recs = [EngineRecord(f"{i}:{j}", _bytes(rows[i]["image"]), str(rows[i]["question"]),
+                             min_pixels=self.cfg.budgets[j] * self.px, max_pixels=self.cfg.budgets[j] * self.px,
+                             max_new_tokens=self.cfg.max_new_tokens) for i, j in keys]
+        return {key: res.answer or "" for key, res in zip(keys, self.zoom_engine.generate(recs), strict=True)}
 
 
 def _bytes(value: Any) -> bytes:
@@ -164,7 +198,7 @@ def gate_loss_fn(loaded: Any, heads: QZoomHeads, rng: np.random.Generator, p_pos
         for r in rows:
             # Labels are re-drawn on every fetch (as the authors do), from this worker's seeded stream.
             verdict = LadderVerdict(r["kind"], None, tuple(int(i) for i in r["wrong"]))
-            draw = draw_label(verdict, len(r["budgets"]), rng, p_positive)
+            draw = draw_label(verdict, len(r["budgets"]), rng, p_positive, r.get("zoom_correct"))
             if draw is not None:
                 picks.append((r, int(r["budgets"][draw[0]]), draw[1]))
         if not picks:

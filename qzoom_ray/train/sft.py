@@ -18,6 +18,7 @@ import re
 from typing import Any, Literal, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -112,6 +113,9 @@ class MineConfig(StrictModel):
     model: ModelConfig = Field(..., description="The stage-1 checkpoint (baseline mode on it = the base VLM).")
     budget_tokens: int = Field(576, ge=4, description="Both paths see the image at exactly this budget (authors: 576).")
     roi_thresh: float = Field(0.1, ge=0, description="tau_roi of the always-on RoI path.")
+    roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
+        "absolute", description="How roi_thresh is read (ZoomConfig.roi_thresh_mode): mine with the serving rule."
+    )
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     judge: Literal["metric", "llm"] = "metric"
@@ -124,12 +128,12 @@ class MineConfig(StrictModel):
 
 
 def engine_config(model: ModelConfig, mode: str, budget_tokens: int, roi_thresh: float = 0.1,
-                  batch_size: int = 8, max_new_tokens: int = 32) -> EngineConfig:
+                  batch_size: int = 8, max_new_tokens: int = 32, roi_thresh_mode: str = "absolute") -> EngineConfig:
     px = budget_tokens * 28**2
     return EngineConfig.model_validate({
         "model": model.model_dump(),
-        "zoom": {"mode": mode, "gate_thresh": 0.0, "roi_thresh": roi_thresh, "min_pixels": px, "max_pixels": px,
-                 "reuse_src_pos": True},
+        "zoom": {"mode": mode, "gate_thresh": 0.0, "roi_thresh": roi_thresh, "roi_thresh_mode": roi_thresh_mode,
+                 "min_pixels": px, "max_pixels": px, "reuse_src_pos": True},
         "generation": {"max_new_tokens": max_new_tokens},
         "max_batch_size": batch_size,
     })
@@ -140,7 +144,7 @@ def mine_engine(cfg: MineConfig, mode: str, loaded: Any = None) -> Any:
     from qzoom_ray.model.engine import QZoomEngine
 
     return QZoomEngine(engine_config(cfg.model, mode, cfg.budget_tokens, cfg.roi_thresh, cfg.batch_size,
-                                     cfg.max_new_tokens), loaded=loaded)
+                                     cfg.max_new_tokens, cfg.roi_thresh_mode), loaded=loaded)
 
 
 class RegressionMiner:
@@ -216,10 +220,39 @@ def select_training_rows(rows: list[dict[str, Any]], mixing_ratio: float, seed: 
 
 
 # ---------------------------------------------------------------------------------------------- training
+# One stage-2 training row, whatever its source: a row with ``roi_box_norm`` is cropped at that box, a ``direct``
+# row is answered from the global view alone, any other row is cropped where the twig points (as served).
+SFT_ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.binary()), ("question", pa.string()), ("target", pa.string()),
+    ("kind", pa.string()), ("roi_box_norm", pa.list_(pa.float64())),
+])
+
+
+def sft_training_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The training rows under :data:`SFT_ROW_SCHEMA`. Inferring the schema from the rows would read it off the
+    first row only, so a direct row first would silently drop every other row's box."""
+    return pa.Table.from_pylist(rows, schema=SFT_ROW_SCHEMA)
+
+
 class SftConfig(StageConfig):
     budget_tokens: int = Field(576, ge=4, description="Image budget of pass 1 (and of the crop).")
     roi_thresh: float = Field(0.1, ge=0, description="tau_roi of pass 1.")
+    roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
+        "absolute", description="How roi_thresh is read in pass 1 (ZoomConfig.roi_thresh_mode)."
+    )
     lr: float = 1e-6
+
+
+def mined_direct_rows(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` seeded direct rows (global view, no crop) from mined rows whose direct answer the judge passed, each
+    taught that answer: the miner already ran model A on every question, so replay needs no second job."""
+    ok = [r for r in rows if r.get("base_ok") and str(r.get("base_prediction") or "").strip()]
+    n = min(n, len(ok))
+    if n <= 0:
+        return []
+    pick = sorted(int(i) for i in np.random.default_rng(seed).choice(len(ok), size=n, replace=False))
+    return [{"id": str(ok[i]["id"]), "image": _image_bytes(ok[i]["image"]), "question": str(ok[i]["question"]),
+             "target": str(ok[i]["base_prediction"]), "kind": "direct"} for i in pick]
 
 
 def pseudo_roi_rows(label_rows: list[dict[str, Any]], pad_cells: int) -> list[dict[str, Any]]:
@@ -329,7 +362,8 @@ def sft_worker(config: dict[str, Any]) -> None:
     if loaded.heads is None:
         raise ValueError("stage 2 starts from a stage-1 checkpoint (it needs the twig)")
     mcfg = ModelConfig(path=cfg.init_from, device=device.type, dtype=cfg.dtype)
-    engine = QZoomEngine(engine_config(mcfg, "qzoom", cfg.budget_tokens, cfg.roi_thresh), loaded=loaded)
+    engine = QZoomEngine(engine_config(mcfg, "qzoom", cfg.budget_tokens, cfg.roi_thresh,
+                                       roi_thresh_mode=cfg.roi_thresh_mode), loaded=loaded)
     set_trainable(sft_trainable(loaded), [loaded.adapter.model, loaded.heads])
     loaded.adapter.model.train()
     module = LossModule(loaded.adapter.model, sft_loss_fn(engine, cfg.budget_tokens))

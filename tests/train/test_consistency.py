@@ -57,6 +57,20 @@ def test_draw_label_rules():
     assert draw_label(classify_ladder(["a", "b"], "a"), 2, rng) is None
 
 
+def test_draw_label_zoom_check_unteaches_zooms_that_failed():
+    rng = np.random.default_rng(0)
+    hard = classify_ladder(["x", "y", "z", "a", "a"], "a")  # wrong at budgets 0-2: draws come from 1 and 2
+    nan = float("nan")
+    # The zoom pass was right at budget 2 and wrong at budget 1; budget 0 was never checked.
+    draws = {draw_label(hard, 5, rng, p_positive=1.0, zoom_correct=[nan, 0.0, 1.0, nan, nan]) for _ in range(60)}
+    assert draws == {(1, 0), (2, 1)}
+    # Unchecked budgets (None or NaN, or no column at all) keep the paper's label.
+    for unchecked in ([None] * 5, [nan] * 5, None):
+        assert {draw_label(hard, 5, rng, 1.0, unchecked) for _ in range(40)} == {(1, 1), (2, 1)}
+    easy = classify_ladder(["a"] * 5, "a")  # easy records are labelled 0 whatever the zoom did
+    assert {lab for _, lab in (draw_label(easy, 5, rng, 0.9, [1.0] * 5) for _ in range(20))} == {0}
+
+
 def test_mix_is_one_to_one_and_seeded():
     hard, easy = list(range(5)), list(range(100, 130))
     a = mix_hard_easy(hard, easy, seed=3)

@@ -137,8 +137,11 @@ def test_stage2_mine_and_sft(ray_local, stage_dirs):
         "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2"), "steps": 8,
                   "batch_size": 2, "lr": 2e-3, "budget_tokens": 16, "roi_thresh": 0.05,
                   "storage_path": str(root / "ray"), **TRAIN},
+        "direct_replay": 0.5,
     })
     entry = train_on_mined(sj)
+    # Replay comes from the miner's own direct answers: one per two regressions, no extra job.
+    assert (entry["data"]["regressions"], entry["data"]["direct_rows"], entry["data"]["training_rows"]) == (2, 1, 3)
     assert entry["final_loss"] < 0.9 * entry["first_loss"], entry
     changed = _changed(_state(s1), _state(str(root / "s2")))
     assert changed and all(k.startswith(("model.model.language_model.layers.", "model.lm_head.")) for k in changed)
@@ -163,6 +166,31 @@ def test_pseudo_roi_rows_pad_and_skip():
     assert out[0]["roi_box_norm"] == pytest.approx([2 / 20, 1 / 10, 8 / 20, 7 / 10])
     assert out[1]["roi_box_norm"] == pytest.approx([0.0, 0.0, 1.0, 4 / 10])  # clipped to the image
     assert out[0]["target"] == "ab" and out[0]["kind"] == "pseudo_roi"
+
+
+def test_mined_direct_rows_replay_only_passed_direct_answers():
+    from qzoom_ray.train.sft import mined_direct_rows
+
+    base = {"image": b"x", "question": "Q?", "kind": "same"}
+    rows = [{**base, "id": f"ok{i}", "base_ok": True, "base_prediction": f"a{i}"} for i in range(5)]
+    rows += [{**base, "id": "wrong", "base_ok": False, "base_prediction": "b"},
+             {**base, "id": "empty", "base_ok": True, "base_prediction": " "}]
+    out = mined_direct_rows(rows, 3, seed=0)
+    assert len(out) == 3 and len({r["id"] for r in out}) == 3
+    assert all(r["id"].startswith("ok") and r["kind"] == "direct" and r["target"] == "a" + r["id"][2:] for r in out)
+    assert out == mined_direct_rows(rows, 3, seed=0)
+    assert len(mined_direct_rows(rows, 50, seed=0)) == 5
+
+
+def test_sft_training_table_keeps_every_rows_box_whatever_comes_first():
+    from qzoom_ray.train.sft import SFT_ROW_SCHEMA, sft_training_table
+
+    direct = {"id": "d", "image": b"x", "question": "Q?", "target": "a", "kind": "direct"}
+    zoomed = {"id": "z", "image": b"y", "question": "Q?", "target": "b", "kind": "pseudo_roi",
+              "roi_box_norm": [0.1, 0.2, 0.3, 0.4], "fg_box": [1, 2, 3, 4]}
+    table = sft_training_table([direct, zoomed])
+    assert table.schema == SFT_ROW_SCHEMA
+    assert table.column("roi_box_norm").to_pylist() == [None, [0.1, 0.2, 0.3, 0.4]]
 
 
 def test_stage2_from_pseudo_labels_uses_their_boxes(ray_local, stage_dirs, monkeypatch):
@@ -253,3 +281,28 @@ def test_stage3_gate_labels_and_gate(ray_local, stage_dirs):
     for i, layer in enumerate(heads.high_res_layers):
         for k, v in src.adapter.layers[3 + i].state_dict().items():
             assert torch.equal(layer.state_dict()[k], v)
+
+
+def test_ladder_zoom_check_answers_hard_records_through_the_zoom_path(tiny_model_dir):
+    from qzoom_ray.model.state import EngineResult
+    from qzoom_ray.train.gate import LadderAnswerer, LadderConfig
+
+    cfg = LadderConfig(model=ModelConfig(path=tiny_model_dir, device="cpu"), budgets=[4, 9, 16], max_new_tokens=2,
+                       zoom_check=True, roi_thresh=0.5, roi_thresh_mode="peak_relative")
+    answerer = LadderAnswerer(cfg, load_model(cfg.model))
+    scripted = {"hard": ["x", "ab", "ab"], "easy": ["ab", "ab", "ab"]}  # the direct ladder, by question
+
+    class ScriptedLadder:  # stands in for the direct path; the zoom path is the real engine
+        def generate(self, recs):
+            return [EngineResult(r.id, answer=scripted[r.question][int(r.id.split(":")[1])], route="direct")
+                    for r in recs]
+
+    answerer.engine = ScriptedLadder()
+    rows = [{"id": q, "image": _png(60 + i), "question": q, "answer": "ab"} for i, q in enumerate(scripted)]
+    hard, easy = answerer(rows)
+    assert (hard["kind"], hard["wrong"], easy["kind"]) == ("hard", [0], "easy")
+    # Checked at the hard record's wrong budget only (the random model's zoomed answer is not "ab").
+    assert hard["zoom_correct"][0] == 0.0 and np.isnan(hard["zoom_correct"][1:]).all()
+    assert np.isnan(easy["zoom_correct"]).all()
+    with pytest.raises(ValueError, match="twig"):
+        LadderAnswerer(cfg.model_copy(update={"model": ModelConfig(path="embedded:tiny-base", require_heads=False)}))
