@@ -30,6 +30,9 @@ def main() -> None:
                    help="how --roi-grid values are read (ZoomConfig.roi_thresh_mode); written into the config")
     p.add_argument("--roi-margin", type=float, default=0.0,
                    help="grow every box by this share of the image side (ZoomConfig.roi_margin); written into the config")
+    p.add_argument("--roi-max-downscale", type=float, default=None,
+                   help="cap every box so its crop is read at >= 1/this of source resolution "
+                   "(ZoomConfig.roi_max_downscale); written into the config")
     p.add_argument("--by-budget", action="store_true",
                    help="write the pair under zoom.thresholds_by_budget[--max-tokens] (used by records at that budget) "
                    "instead of the global zoom.gate_thresh / roi_thresh")
@@ -52,15 +55,17 @@ def main() -> None:
     loaded = load_model(ModelConfig(path=args.model))
     grid = [float(v) for v in args.roi_grid.split(",")]
     table = collect_table(loaded, rows, args.min_tokens, args.max_tokens, grid, args.reference_budget, args.batch_size,
-                          roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin)
+                          roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin,
+                          roi_max_downscale=args.roi_max_downscale)
     choice = choose_thresholds(table, args.target, args.max_drop, args.max_zoom_rate)
     note = (f"{args.target} target on {len(rows)} records of {Path(args.data).name} at Max-{args.max_tokens}: accuracy "
             f"{choice['accuracy']:.3f}, zoom rate {choice['zoom_rate']:.3f}")
     write_thresholds(args.config_in or args.config_out, args.config_out, choice["tau_gate"], choice["tau_roi"], note,
                      roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin,
-                     budget=args.max_tokens if args.by_budget else None)
+                     budget=args.max_tokens if args.by_budget else None, roi_max_downscale=args.roi_max_downscale)
     choice["roi_thresh_mode"] = args.roi_thresh_mode
     choice["roi_margin"] = args.roi_margin
+    choice["roi_max_downscale"] = args.roi_max_downscale
     if args.report:
         Path(args.report).write_text(json.dumps(choice, indent=2))
     print(json.dumps({k: v for k, v in choice.items() if k != "frontier"}, indent=2))

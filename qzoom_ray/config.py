@@ -108,6 +108,13 @@ class ZoomConfig(StrictModel):
         description="Beyond the paper: each side of the RoI box moves out by this share of the image's width/height "
         "(stage 2 tunes on pseudo-RoI boxes with a margin of context). 0: the paper's tight box.",
     )
+    roi_max_downscale: float | None = Field(
+        None,
+        ge=1.0,
+        description="Beyond the paper: a box larger than this squared times the crop's pixel budget shrinks to that "
+        "area (same aspect) where the RoI map is densest, so the crop is read at >= 1/roi_max_downscale of source "
+        "resolution. None: the paper's box, however large.",
+    )
     thresholds_by_budget: dict[int, BudgetThresholds] = Field(
         default_factory=dict,
         description="Beyond the paper: (tau_gate, tau_roi) calibrated at a global-view budget, keyed by its Max-N "

@@ -295,8 +295,13 @@ class QZoomEngine:
                 box_px_f = (grown[0] * wh[0], grown[1] * wh[1], grown[2] * wh[0], grown[3] * wh[1])
             else:
                 box_px_f = geometry.grid_box_to_pixels(box_grid, (gh, gw), wh)
-            box_px = geometry.grow_box_to_min_size(box_px_f, wh, zoom.min_roi_px)
             lo, hi = preprocess.roi_budget(self, p)
+            if zoom.roi_max_downscale is not None:
+                capped = geometry.cap_box_area(box_px_f, zoom.roi_max_downscale**2 * hi, prob, wh)
+                if capped != box_px_f:
+                    box_px_f = capped
+                    box_grid = geometry.norm_box_to_grid(geometry.normalise_box(capped, wh), (gh, gw))
+            box_px = geometry.grow_box_to_min_size(box_px_f, wh, zoom.min_roi_px)
             if not geometry.crop_is_encodable(
                 box_px, a.token_px, lo, hi, max_aspect_ratio=self.config.max_aspect_ratio
             ):

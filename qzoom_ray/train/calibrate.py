@@ -82,10 +82,12 @@ def choose_thresholds(
 
 def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int, roi_grid: list[float],
                   reference_budget: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
-                  roi_thresh_mode: str = "absolute", roi_margin: float = 0.0) -> CalibrationTable:
+                  roi_thresh_mode: str = "absolute", roi_margin: float = 0.0,
+                  roi_max_downscale: float | None = None) -> CalibrationTable:
     """Run the passes on ``rows`` (:class:`~qzoom_ray.eval.data.LabelledRow`) with one shared model;
-    ``roi_thresh_mode`` is how the ``roi_grid`` candidates are read (``ZoomConfig.roi_thresh_mode``), and every
-    box is grown by ``roi_margin`` (``ZoomConfig.roi_margin``)."""
+    ``roi_thresh_mode`` is how the ``roi_grid`` candidates are read (``ZoomConfig.roi_thresh_mode``), every
+    box is grown by ``roi_margin`` (``ZoomConfig.roi_margin``) and capped by ``roi_max_downscale``
+    (``ZoomConfig.roi_max_downscale``)."""
     from qzoom_ray.config import EngineConfig
     from qzoom_ray.model.engine import QZoomEngine
     from qzoom_ray.model.state import EngineRecord
@@ -93,9 +95,8 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
     px = loaded.adapter.token_px**2
     base = {"generation": {"max_new_tokens": max_new_tokens}, "max_batch_size": batch_size,
             "model": {"path": loaded.source}}
-    engine = QZoomEngine(EngineConfig.model_validate({**base, "zoom": {"mode": "qzoom", "roi_thresh_mode": roi_thresh_mode,
-                                                                       "roi_margin": roi_margin}}),
-                         loaded=loaded)
+    box_rule = {"roi_thresh_mode": roi_thresh_mode, "roi_margin": roi_margin, "roi_max_downscale": roi_max_downscale}
+    engine = QZoomEngine(EngineConfig.model_validate({**base, "zoom": {"mode": "qzoom", **box_rule}}), loaded=loaded)
 
     def run(gate_thresh: float, roi_thresh: float):
         recs = [EngineRecord(r.id, r.image, r.question, min_pixels=min_tokens * px, max_pixels=max_tokens * px,
@@ -118,15 +119,15 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
         ref = float(scores(res).mean())
     return CalibrationTable(gate, scores(direct), zoomed, ref,
                             {"min_tokens": min_tokens, "max_tokens": max_tokens, "reference_budget": reference_budget,
-                             "roi_thresh_mode": roi_thresh_mode, "roi_margin": roi_margin})
+                             **box_rule})
 
 
 def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: float, tau_roi: float,
                      note: str = "", roi_thresh_mode: str | None = None, roi_margin: float | None = None,
-                     budget: int | None = None) -> Path:
+                     budget: int | None = None, roi_max_downscale: float | None = None) -> Path:
     """Set ``zoom.gate_thresh`` / ``zoom.roi_thresh`` (and ``roi_thresh_mode`` / ``roi_margin`` when given: the
     pair was chosen under them) at the top level, or under ``engine:``, of a YAML config. With ``budget`` the pair
-    goes to ``zoom.thresholds_by_budget[budget]`` instead; the mode and margin are shared by every budget."""
+    goes to ``zoom.thresholds_by_budget[budget]`` instead; the mode, margin and cap are shared by every budget."""
     src = Path(config_in)
     data = (yaml.safe_load(src.read_text()) or {}) if src.exists() else {}
     holder = data["engine"] if isinstance(data.get("engine"), dict) and "zoom" in data["engine"] else data
@@ -142,6 +143,8 @@ def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: fl
         zoom["roi_thresh_mode"] = roi_thresh_mode
     if roi_margin is not None:
         zoom["roi_margin"] = float(roi_margin)
+    if roi_max_downscale is not None:
+        zoom["roi_max_downscale"] = float(roi_max_downscale)
     out = Path(config_out)
     header = f"# tau_gate / tau_roi written by jobs/calibrate.py{': ' + note if note else ''}\n"
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import engine_config, make_image_bytes
 
@@ -12,6 +13,22 @@ from qzoom_ray.model.state import ROUTE_EMPTY_MAP, ROUTE_ZOOM, EngineRecord, Eng
 
 # Per record: (width, height, hot block on the merged grid as (x0, y0, x1, y1)).
 CASES = {"wide": (900, 300, (3, 1, 6, 3)), "tall": (300, 700, (0, 4, 2, 9)), "small": (224, 224, (1, 1, 3, 3))}
+
+
+def zoom_request_for_map(engine: QZoomEngine, record: EngineRecord, logit_block, monkeypatch) -> ZoomRequest:
+    """The coarse pass on one record with the twig's logits replaced by ``logit_block(grid_h, grid_w)``."""
+    prep = engine.prepare(record)
+    gh, gw = prep.merged_grid
+
+    def fixed_roi_logits(score_layer, hidden, pos_emb):
+        out = torch.full(hidden.shape[:2], -20.0)
+        out[0, prep.image_start : prep.image_start + gh * gw] = torch.from_numpy(logit_block(gh, gw).reshape(-1))
+        return out, None
+
+    monkeypatch.setattr(engine.adapter, "roi_logits", fixed_roi_logits)
+    req = engine.coarse([prep], keep_prefix=True)[0]
+    assert isinstance(req, ZoomRequest)
+    return req
 
 
 def test_boxes_follow_each_rows_map_under_left_padding(tiny_model_dir, monkeypatch):
@@ -96,22 +113,14 @@ def test_roi_margin_grows_the_crop_and_its_positions_together(tiny_model_dir, mo
     record = EngineRecord("wide", make_image_bytes(w, h, 0), "Which code?", gate_thresh=0.0)
 
     def run(margin: float) -> ZoomRequest:
-        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"sink_mask": False, "roi_thresh": 0.5,
-                                                                  "roi_margin": margin}))
-        prep = engine.prepare(record)
-        gh, gw = prep.merged_grid
-
-        def hot_block(score_layer, hidden, pos_emb):
-            out = torch.full(hidden.shape[:2], -20.0)
+        def hot_block(gh: int, gw: int) -> np.ndarray:
             block = np.full((gh, gw), -20.0)
             block[y0:y1, x0:x1] = 20.0
-            out[0, prep.image_start : prep.image_start + gh * gw] = torch.from_numpy(block.reshape(-1))
-            return out, None
+            return block
 
-        monkeypatch.setattr(engine.adapter, "roi_logits", hot_block)
-        req = engine.coarse([prep], keep_prefix=True)[0]
-        assert isinstance(req, ZoomRequest)
-        return req
+        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"sink_mask": False, "roi_thresh": 0.5,
+                                                                  "roi_margin": margin}))
+        return zoom_request_for_map(engine, record, hot_block, monkeypatch)
 
     tight, padded = run(0.0), run(0.1)
     gh, gw = tight.prepared.merged_grid
@@ -138,3 +147,33 @@ def test_a_pair_calibrated_for_the_records_budget_overrides_the_global_pair(tiny
     assert pair(max_pixels=256 * px) == (0.01, 0.5)
     assert pair(max_pixels=128 * px) == (0.4, 0.3)  # no entry for Max-128: the global pair
     assert pair(max_pixels=256 * px, gate_thresh=0.9) == (0.9, 0.5)  # a record's own value still wins
+
+
+def test_roi_max_downscale_caps_a_page_wide_box_around_the_hot_spot(tiny_model_dir, monkeypatch):
+    w, h = 1400, 1000  # 1.4 MP, far above the crop's 256-token budget
+    record = EngineRecord("page", make_image_bytes(w, h, 0), "Which code?", gate_thresh=0.0)
+
+    def run(cap: float | None) -> ZoomRequest:
+        def plateau_with_a_hot_cell(gh: int, gw: int) -> np.ndarray:
+            # Every cell is above 0.1 of the peak (a page-wide box); the peak is near the bottom-right corner.
+            block = np.zeros((gh, gw))
+            block[gh - 2, gw - 2] = 6.0
+            return block
+
+        engine = QZoomEngine(engine_config(tiny_model_dir, zoom={
+            "sink_mask": False, "roi_thresh": 0.1, "roi_thresh_mode": "peak_relative", "roi_max_downscale": cap}))
+        return zoom_request_for_map(engine, record, plateau_with_a_hot_cell, monkeypatch)
+
+    page, capped = run(None), run(1.0)
+    gh, gw = capped.prepared.merged_grid
+    assert page.box_px == (0, 0, w, h)
+    x0, y0, x1, y1 = capped.box_px
+    hi = capped.prepared.max_pixels
+    # At most the crop's pixel budget (1.0**2 times it) plus the integer rounding of the edges, so the crop is
+    # read at source resolution, with the page's aspect, over the hot cell.
+    assert (x1 - x0) * (y1 - y0) <= hi + (x1 - x0) + (y1 - y0) + 1
+    assert (x1 - x0) / (y1 - y0) == pytest.approx(w / h, rel=0.02)
+    hot_x, hot_y = (gw - 1.5) * w / gw, (gh - 1.5) * h / gh
+    assert x0 <= hot_x <= x1 and y0 <= hot_y <= y1
+    # The RoI position ids follow the capped crop.
+    assert capped.box_grid == geometry.norm_box_to_grid((x0 / w, y0 / h, x1 / w, y1 / h), (gh, gw))

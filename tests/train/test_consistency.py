@@ -130,6 +130,8 @@ def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
     margin = write_thresholds(tmp_path / "missing.yaml", tmp_path / "m.yaml", 0.5, 0.8, roi_thresh_mode="peak_relative",
                               roi_margin=0.05)
     assert yaml.safe_load(margin.read_text())["zoom"]["roi_margin"] == 0.05
+    capped = write_thresholds(tmp_path / "missing.yaml", tmp_path / "c.yaml", 0.5, 0.8, roi_max_downscale=2)
+    assert yaml.safe_load(capped.read_text())["zoom"]["roi_max_downscale"] == 2.0
     per_budget = write_thresholds(margin, tmp_path / "b.yaml", 0.01, 0.5, budget=256)
     per_budget = write_thresholds(per_budget, per_budget, 0.2, 0.6, budget=64)
     zoom = yaml.safe_load(per_budget.read_text())["zoom"]
