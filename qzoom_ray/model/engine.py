@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qzoom_ray import geometry
+from qzoom_ray import box_cap, geometry
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.model import given_region, preprocess
 from qzoom_ray.model.backbone import BackboneAdapter
@@ -297,7 +297,7 @@ class QZoomEngine:
                 box_px_f = geometry.grid_box_to_pixels(box_grid, (gh, gw), wh)
             lo, hi = preprocess.roi_budget(self, p)
             if zoom.roi_max_downscale is not None:
-                capped = geometry.cap_box_area(box_px_f, zoom.roi_max_downscale**2 * hi, prob, wh)
+                capped = box_cap.cap_box_area(box_px_f, zoom.roi_max_downscale**2 * hi, prob, wh)
                 if capped != box_px_f:
                     box_px_f = capped
                     box_grid = geometry.norm_box_to_grid(geometry.normalise_box(capped, wh), (gh, gw))

@@ -1,4 +1,4 @@
-"""Tests for the box cap (beyond the paper): densest_window and cap_box_area in qzoom_ray.geometry."""
+"""Tests for qzoom_ray.box_cap (beyond the paper): densest_window and cap_box_area."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qzoom_ray import box_cap
 from qzoom_ray import geometry as g
 
 
@@ -25,7 +26,7 @@ def map_region_window(draw):
 @given(map_region_window())
 def test_densest_window_holds_the_most_mass_of_any_window_in_the_region(case):
     prob, (x0, y0, x1, y1), (wh, ww) = case
-    bx0, by0, bx1, by1 = g.densest_window(prob, (x0, y0, x1, y1), (wh, ww))
+    bx0, by0, bx1, by1 = box_cap.densest_window(prob, (x0, y0, x1, y1), (wh, ww))
     h, w = min(max(wh, 1), y1 - y0), min(max(ww, 1), x1 - x0)
     assert (bx1 - bx0, by1 - by0) == (w, h)
     assert x0 <= bx0 and bx1 <= x1 and y0 <= by0 and by1 <= y1
@@ -35,7 +36,7 @@ def test_densest_window_holds_the_most_mass_of_any_window_in_the_region(case):
 
 def test_densest_window_rejects_a_region_off_the_map():
     with pytest.raises(ValueError, match="region"):
-        g.densest_window(np.ones((4, 4)), (2, 0, 5, 4), (1, 1))
+        box_cap.densest_window(np.ones((4, 4)), (2, 0, 5, 4), (1, 1))
 
 
 @settings(max_examples=200, deadline=None)
@@ -50,7 +51,7 @@ def test_a_capped_box_keeps_the_aspect_inside_the_box_at_the_cap(w, h, gh, gw, a
         return
     area = (x1 - x0) * (y1 - y0)
     prob = np.random.default_rng(seed).random((gh, gw))
-    cx0, cy0, cx1, cy1 = g.cap_box_area((x0, y0, x1, y1), frac * area, prob, (w, h))
+    cx0, cy0, cx1, cy1 = box_cap.cap_box_area((x0, y0, x1, y1), frac * area, prob, (w, h))
     if frac >= 1.0:
         assert (cx0, cy0, cx1, cy1) == pytest.approx((x0, y0, x1, y1))
         return
@@ -62,7 +63,7 @@ def test_a_capped_box_keeps_the_aspect_inside_the_box_at_the_cap(w, h, gh, gw, a
 def test_the_capped_window_sits_on_the_maps_hot_spot():
     prob = np.full((10, 10), 0.2)
     prob[7, 2] = 1.0  # cell (x=2, y=7) of a 1000 x 1000 image: pixels 200-300 x 700-800
-    x0, y0, x1, y1 = g.cap_box_area((0.0, 0.0, 1000.0, 1000.0), 300.0**2, prob, (1000, 1000))
+    x0, y0, x1, y1 = box_cap.cap_box_area((0.0, 0.0, 1000.0, 1000.0), 300.0**2, prob, (1000, 1000))
     assert (x1 - x0, y1 - y0) == pytest.approx((300.0, 300.0))
     assert x0 <= 200 and x1 >= 300 and y0 <= 700 and y1 >= 800
 
@@ -70,6 +71,6 @@ def test_the_capped_window_sits_on_the_maps_hot_spot():
 def test_a_box_overshooting_the_image_by_an_ulp_is_clamped():
     w, h = 1120, 840
     box = (700.0, 300.0, math.nextafter(float(w), 2e4), float(h))
-    capped = g.cap_box_area(box, 100.0**2, np.ones((6, 8)), (w, h))
+    capped = box_cap.cap_box_area(box, 100.0**2, np.ones((6, 8)), (w, h))
     assert capped[2] <= w and capped[3] <= h
     g.norm_box_to_grid(g.normalise_box(capped, (w, h)), (6, 8))  # would raise past the image's edge
