@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from qzoom_ray.geometry import GridBox
+from qzoom_ray.geometry import GridBox, norm_box_to_grid
 
 
 def densest_window(prob_map: np.ndarray, region: GridBox, win_hw: tuple[int, int]) -> GridBox:
@@ -49,13 +49,7 @@ def cap_box_area(
     prob = np.asarray(prob_map)
     grid_h, grid_w = prob.shape
     cell_w, cell_h = image_wh[0] / grid_w, image_wh[1] / grid_h
-    region = (
-        min(int(x0 // cell_w), grid_w - 1),
-        min(int(y0 // cell_h), grid_h - 1),
-        max(min(math.ceil(x1 / cell_w), grid_w), 1),
-        max(min(math.ceil(y1 / cell_h), grid_h), 1),
-    )
-    region = region[0], region[1], max(region[2], region[0] + 1), max(region[3], region[1] + 1)
+    region = norm_box_to_grid((x0 / image_wh[0], y0 / image_wh[1], x1 / image_wh[0], y1 / image_wh[1]), prob.shape)
     wx0, wy0, wx1, wy1 = densest_window(prob, region, (round(win_h / cell_h), round(win_w / cell_w)))
     cx, cy = (wx0 + wx1) / 2 * cell_w, (wy0 + wy1) / 2 * cell_h
     nx0 = min(max(cx - win_w / 2, x0), x1 - win_w)
