@@ -15,7 +15,7 @@ from qzoom_ray.train.common import HISTORY_FILE
 
 STAGE_TITLES = {
     "rpn": "Stage 1: self-distilled RoI predictor (twig layers, selective BCE on pseudo-label maps)",
-    "sft": "Stage 2: targeted post-SFT (decoder layers + lm_head on mined regressions, aligned RoI positions)",
+    "sft": "Stage 2: targeted post-SFT (decoder layers + lm_head on mined regressions, {positions})",
     "gate": "Stage 3: consistency-aware gate (gate layers + head, BCE on budget-ladder labels)",
     "calibration": "Threshold calibration (tau_gate, tau_roi on a validation set)",
 }
@@ -24,11 +24,13 @@ STAGE_TITLES = {
 def stage_title(entry: dict[str, Any]) -> str:
     """The card's heading for one history entry (stage 2 says which rows it learned from)."""
     data = entry.get("data") or {}
+    cfg = entry.get("config") or {}
+    positions = "aligned RoI positions" if cfg.get("reuse_src_pos", True) else "fresh-grid RoI positions"
     if entry["stage"] == "sft" and data.get("source") == "pseudo_labels":
         direct = " and direct rows of the base's own answers" if data.get("direct_rows") else ""
-        return (f"Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI{direct}, "
-                "aligned RoI positions)")
-    cfg = entry.get("config") or {}
+        return f"Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI{direct}, {positions})"
+    if entry["stage"] == "sft":
+        return STAGE_TITLES["sft"].format(positions=positions)
     if entry["stage"] == "rpn" and cfg.get("new_heads"):
         return (f"Stage 1b: twig and gate rebuilt at K={cfg.get('twig_K')}, T={cfg.get('twig_T')} from this model's "
                 "base layers (selective BCE on pseudo-label maps)")
@@ -113,7 +115,7 @@ def write_model_card(out: Path) -> Path:
         for k, v in (e.get("result") or {}).items():
             lines.append(f"- {k}: {_fmt(v)}")
         c = e.get("config") or {}
-        keys = ("twig_K", "twig_T", "lr", "batch_size", "num_workers", "seed", "budget_tokens")
+        keys = ("twig_K", "twig_T", "lr", "batch_size", "num_workers", "seed", "budget_tokens", "zoom_budgets")
         lines.append("- settings: " + ", ".join(f"{k}={_fmt(c[k])}" for k in keys if c.get(k) is not None))
         if e.get("figure"):
             lines += ["", f"![loss curve]({e['figure']})"]

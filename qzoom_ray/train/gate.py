@@ -37,6 +37,7 @@ from qzoom_ray.train.common import (
 )
 from qzoom_ray.train.consistency import HARD, classify_ladder, draw_label, filter_summary, mix_hard_easy
 from qzoom_ray.train.forward import build_batch, encode, hidden_at_k
+from qzoom_ray.train.judges import answers_of
 from qzoom_ray.train.rpn import copy_base_layers
 
 
@@ -58,14 +59,6 @@ class LadderConfig(StrictModel):
     roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
         "absolute", description="How roi_thresh is read (ZoomConfig.roi_thresh_mode) in the checked zoom path."
     )
-
-
-def _answers(row: dict[str, Any]) -> list[str]:
-    answers = row.get("answers")
-    out = [str(a) for a in answers] if answers is not None and len(answers) else []
-    if row.get("answer") is not None and str(row["answer"]) not in out:
-        out.insert(0, str(row["answer"]))
-    return out
 
 
 class LadderAnswerer:
@@ -103,11 +96,11 @@ class LadderAnswerer:
         ]
         results = {res.id: res for res in self.engine.generate(recs)}
         answers = [[results[f"{i}:{j}"].answer or "" for j in range(len(self.cfg.budgets))] for i in range(len(rows))]
-        verdicts = [classify_ladder(ms, _answers(r)) for ms, r in zip(answers, rows, strict=True)]
+        verdicts = [classify_ladder(ms, answers_of(r)) for ms, r in zip(answers, rows, strict=True)]
         zoomed = self._zoom_answers(rows, verdicts)
         out = []
         for i, (r, ms, verdict) in enumerate(zip(rows, answers, verdicts, strict=True)):
-            gts = _answers(r)
+            gts = answers_of(r)
             metric = str(r.get("metric") or "exact_match")
             out.append({
                 "id": str(r.get("id", i)), "image": _bytes(r["image"]), "question": str(r["question"]),

@@ -7,15 +7,15 @@ training set, optionally mixed with improvements.
 
 Training: pass 1 (coarse, twig map, box, crop) runs through the engine under inference mode, with
 the query at the last PROMPT token (the authors' Qwen2.5 code used the last token of the whole
-training sequence, spec §8.10); pass 2 re-runs all L layers on the spliced sequence with aligned
-RoI positions and teacher-forced answer tokens; CE on the answer only. Trainable: every base
+training sequence, spec §8.10); pass 2 re-runs all L layers on the spliced sequence with the RoI positions
+(aligned, or a fresh grid) and teacher-forced answer tokens; CE on the answer only. Trainable: every base
 decoder layer + lm_head (not embeddings, final norm, ViT or heads).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal, Protocol
+import dataclasses
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,6 @@ from pydantic import Field
 
 from qzoom_ray import geometry
 from qzoom_ray.config import EngineConfig, ModelConfig, StrictModel
-from qzoom_ray.eval.metrics import score
 from qzoom_ray.model.state import EngineRecord, ZoomRequest
 from qzoom_ray.train.common import (
     LossModule,
@@ -41,71 +40,7 @@ from qzoom_ray.train.common import (
 )
 from qzoom_ray.train.data import IGNORE_INDEX
 from qzoom_ray.train.forward import left_pad
-
-
-# ---------------------------------------------------------------------------------------------- judges
-class Judge(Protocol):
-    def __call__(self, rows: list[dict[str, Any]], preds_a: list[str], preds_b: list[str]) -> list[tuple[bool, bool]]:
-        """Per row: (A correct, B correct)."""
-
-
-def _answers(row: dict[str, Any]) -> list[str]:
-    answers = row.get("answers")
-    out = [str(a) for a in answers] if answers is not None and len(answers) else []
-    if row.get("answer") is not None and str(row["answer"]) not in out:
-        out.insert(0, str(row["answer"]))
-    return out
-
-
-class MetricJudge:
-    """Ground truth + the row's metric (exact match / ANLS / relaxed / multiple choice): correct iff score >= pass_score."""
-
-    def __init__(self, pass_score: float = 0.5):
-        self.pass_score = pass_score
-
-    def __call__(self, rows, preds_a, preds_b):
-        def ok(row, pred):
-            return score(pred, _answers(row), str(row.get("metric") or "exact_match"), row.get("choices")) >= self.pass_score
-
-        return [(ok(r, a), ok(r, b)) for r, a, b in zip(rows, preds_a, preds_b, strict=True)]
-
-
-JUDGE_PROMPT = (
-    "You are a fair and robust evaluator; judge semantic correctness, not string match.\n"
-    "Question: {question}\nGround Truth: {gt}\nModel A Prediction: {a}\nModel B Prediction: {b}\n"
-    "A prediction is correct if it contains the ground truth or a standard synonym (Yes=True, 10%=0.1); "
-    "ignore punctuation and case; answer No only if it is factually wrong or missing.\n"
-    "Output exactly two lines:\nA: Yes|No\nB: Yes|No"
-)
-
-
-class LlmJudge:
-    """An instruction-following VLM served by the engine (baseline mode) judges A and B (spec §4.1).
-
-    The engine answers image+text records only, so the text-only judge prompt goes with a tiny blank
-    image; unparsable replies fall back to the metric judge.
-    """
-
-    def __init__(self, engine: Any, fallback: Judge | None = None):
-        self.engine = engine
-        self.fallback = fallback or MetricJudge()
-
-    def __call__(self, rows, preds_a, preds_b):
-        from PIL import Image
-
-        blank = Image.new("RGB", (56, 56), (255, 255, 255))
-        px = 4 * self.engine.adapter.token_px**2
-        recs = [EngineRecord(str(i), blank, JUDGE_PROMPT.format(question=r["question"], gt=" | ".join(_answers(r)),
-                                                                 a=a, b=b), min_pixels=px, max_pixels=px)
-                for i, (r, a, b) in enumerate(zip(rows, preds_a, preds_b, strict=True))]
-        out = []
-        for res, r, a, b in zip(self.engine.generate(recs), rows, preds_a, preds_b, strict=True):
-            found = dict(re.findall(r"\b([ab])\s*:\s*(yes|no)\b", (res.answer or "").lower()))
-            if "a" in found and "b" in found:
-                out.append((found["a"] == "yes", found["b"] == "yes"))
-            else:
-                out.append(self.fallback([r], [a], [b])[0])
-        return out
+from qzoom_ray.train.judges import Judge, LlmJudge, MetricJudge, answers_of
 
 
 # ---------------------------------------------------------------------------------------------- mining
@@ -129,11 +64,13 @@ class MineConfig(StrictModel):
 
 def engine_config(model: ModelConfig, mode: str, budget_tokens: int, roi_thresh: float = 0.1,
                   batch_size: int = 8, max_new_tokens: int = 32, roi_thresh_mode: str = "absolute") -> EngineConfig:
+    """The engine of mining and of training's pass 1: exactly ``budget_tokens``, every record gated, and the RoI
+    positions the checkpoint records (a model is mined as it is served)."""
     px = budget_tokens * 28**2
     return EngineConfig.model_validate({
         "model": model.model_dump(),
         "zoom": {"mode": mode, "gate_thresh": 0.0, "roi_thresh": roi_thresh, "roi_thresh_mode": roi_thresh_mode,
-                 "min_pixels": px, "max_pixels": px, "reuse_src_pos": True},
+                 "min_pixels": px, "max_pixels": px},
         "generation": {"max_new_tokens": max_new_tokens},
         "max_batch_size": batch_size,
     })
@@ -179,9 +116,9 @@ class RegressionMiner:
             kind = "regression" if ok_a and not ok_b and zoomed else "improvement" if ok_b and not ok_a and zoomed else "same"
             out.append({
                 "id": str(r.get("id", "")), "image": _image_bytes(r["image"]), "question": str(r["question"]),
-                "answers": _answers(r), "base_prediction": a, "roi_prediction": b, "base_ok": ok_a, "roi_ok": ok_b,
+                "answers": answers_of(r), "base_prediction": a, "roi_prediction": b, "base_ok": ok_a, "roi_ok": ok_b,
                 "roi_route": ra.route, "kind": kind,
-                "target": a if self.cfg.target == "base" and ok_a else (_answers(r) or [a])[0],
+                "target": a if self.cfg.target == "base" and ok_a else (answers_of(r) or [a])[0],
             })
         return out
 
@@ -241,6 +178,18 @@ class SftConfig(StageConfig):
         "absolute", description="How roi_thresh is read in pass 1 (ZoomConfig.roi_thresh_mode)."
     )
     lr: float = 1e-6
+    zoom_budgets: list[int] | None = Field(
+        None,
+        description="Budgets a zoomed row is trained at (global view and crop alike), one drawn per row and step; "
+        "the zoom pass reads best at the budgets it was tuned on. None: budget_tokens. Direct rows always use "
+        "budget_tokens, where their targets were answered.",
+    )
+    reuse_src_pos: bool = Field(
+        True,
+        description="RoI position ids in pass 2: aligned to the global grid (True, the paper's stage 2) or a fresh "
+        "grid after the global image (False, what the authors' stage-3 script writes into the released config). "
+        "Written into the checkpoint, so the engine serves the positions the model was tuned on.",
+    )
 
 
 def mined_direct_rows(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -272,8 +221,9 @@ def pseudo_roi_rows(label_rows: list[dict[str, Any]], pad_cells: int) -> list[di
     return out
 
 
-def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dict[str, Any] | None:
-    """Pass 1 under inference mode -> spliced ids, aligned positions, labels and ViT features; None: no RoI."""
+def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int, aligned: bool = True) -> dict[str, Any] | None:
+    """Pass 1 under inference mode -> spliced ids, RoI positions (aligned or a fresh grid), labels and ViT
+    features; None: no RoI."""
     px = budget_tokens * engine.adapter.token_px**2
     prep = engine.prepare(EngineRecord(str(row.get("id", "")), _image_bytes(row["image"]), str(row["question"]),
                                        min_pixels=px, max_pixels=px, gate_thresh=0.0))
@@ -295,7 +245,7 @@ def spliced_example(engine: Any, row: dict[str, Any], budget_tokens: int) -> dic
     ids = geometry.splice_token_ids(prep.input_ids, layout, engine.vision_start_id, engine.vision_end_id,
                                     engine.image_token_id)
     pos = geometry.roi_position_ids(coarse_positions(engine, prep), layout, prep.image_start, prep.merged_grid,
-                                    roi.merged_grid, out.box_grid, aligned=True)
+                                    roi.merged_grid, out.box_grid, aligned=aligned)
     return _with_answer(engine, ids, pos, str(row["target"]),
                         [(prep.pixel_values, prep.grid_thw), (roi.pixel_values, roi.grid_thw)])
 
@@ -318,11 +268,16 @@ def _with_answer(engine: Any, ids: np.ndarray, pos: np.ndarray, target: str,
     }
 
 
-def sft_loss_fn(engine: Any, budget_tokens: int):
+def sft_loss_fn(engine: Any, budget_tokens: int, aligned: bool = True, zoom_budgets: list[int] | None = None,
+                seed: int = 0):
     a = engine.adapter
+    rng = np.random.default_rng(seed)
+
+    def row_budget(row: dict[str, Any]) -> int:
+        return budget_tokens if row.get("kind") == "direct" or not zoom_budgets else int(rng.choice(zoom_budgets))
 
     def loss(rows: list[dict[str, Any]]) -> torch.Tensor:
-        ex = [e for e in (spliced_example(engine, r, budget_tokens) for r in rows) if e is not None]
+        ex = [e for e in (spliced_example(engine, r, row_budget(r), aligned) for r in rows) if e is not None]
         if not ex:  # touch every trainable tensor so DDP ranks still agree on the gradients
             return sum(p.sum() for p in a.model.parameters() if p.requires_grad) * 0.0
         ids, mask, pads = left_pad([e["ids"] for e in ex], engine.pad_id)
@@ -366,7 +321,10 @@ def sft_worker(config: dict[str, Any]) -> None:
                                        roi_thresh_mode=cfg.roi_thresh_mode), loaded=loaded)
     set_trainable(sft_trainable(loaded), [loaded.adapter.model, loaded.heads])
     loaded.adapter.model.train()
-    module = LossModule(loaded.adapter.model, sft_loss_fn(engine, cfg.budget_tokens))
+    if loaded.heads.spec.reuse_src_pos != cfg.reuse_src_pos:
+        loaded.heads.spec = dataclasses.replace(loaded.heads.spec, reuse_src_pos=cfg.reuse_src_pos)
+    loss = sft_loss_fn(engine, cfg.budget_tokens, cfg.reuse_src_pos, cfg.zoom_budgets, cfg.seed + rank)
+    module = LossModule(loaded.adapter.model, loss)
     batches = endless(shard_rows(cfg.batch_size, cfg.seed + rank))
 
     def save(out):

@@ -6,7 +6,12 @@ from qzoom_ray.train.card import STAGE_TITLES, stage_title
 
 
 def test_stage_titles_name_the_data_and_the_refit():
-    assert stage_title({"stage": "sft", "data": {"mined": 10}}) == STAGE_TITLES["sft"]
+    mined = stage_title({"stage": "sft", "data": {"mined": 10}})
+    assert mined == STAGE_TITLES["sft"].format(positions="aligned RoI positions")
+    # The positions stage 2 was tuned on are part of what the model is.
+    fresh = {"stage": "sft", "config": {"reuse_src_pos": False}}
+    assert "fresh-grid RoI positions" in stage_title(fresh)
+    assert "fresh-grid" in stage_title({**fresh, "data": {"source": "pseudo_labels"}})
     pseudo = stage_title({"stage": "sft", "data": {"source": "pseudo_labels", "direct_rows": 0}})
     assert "pseudo-RoI" in pseudo and "direct rows" not in pseudo
     assert "direct rows" in stage_title({"stage": "sft", "data": {"source": "pseudo_labels", "direct_rows": 5}})

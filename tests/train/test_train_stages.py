@@ -219,6 +219,16 @@ def test_stage2_from_pseudo_labels_uses_their_boxes(ray_local, stage_dirs, monke
     assert n_img == direct["features"].shape[0] < int((ex["ids"] == engine.image_token_id).sum())
     answer = direct["labels"] != -100
     assert answer.sum() >= 2 and not answer[: len(direct["ids"]) - answer.sum()].any()
+    # Fresh-grid positions (reuse_src_pos: false): the same sequence; only the RoI tokens' h/w differ, and they
+    # are whole numbers counting on from the RoI block's temporal position instead of fractions inside the box.
+    fresh = spliced_example(engine, row, 16, aligned=False)
+    assert np.array_equal(fresh["ids"], ex["ids"])
+    roi_tok = np.flatnonzero(ex["ids"] == engine.image_token_id)[n_img:]
+    differs = np.flatnonzero((fresh["positions"] != ex["positions"]).any(axis=0))
+    assert set(differs) <= set(roi_tok) and len(differs) > 0
+    hw = fresh["positions"][1:, roi_tok]
+    assert np.array_equal(hw, np.round(hw)) and hw.min() == fresh["positions"][0, roi_tok[0]]
+    assert not np.array_equal(ex["positions"][1:, roi_tok], np.round(ex["positions"][1:, roi_tok]))
     monkeypatch.undo()
 
     sj = SftJob.model_validate({
@@ -226,10 +236,14 @@ def test_stage2_from_pseudo_labels_uses_their_boxes(ray_local, stage_dirs, monke
         "pseudo_labels": str(root / "plabels"), "roi_pad_cells": 1, "direct_replay": 0.67,
         "mine": {"model": {"path": s1}, "budget_tokens": 16, "max_new_tokens": 3},
         "train": {"init_from": s1, "data_path": "set-by-the-job", "out_dir": str(root / "s2-pl"), "steps": 8,
-                  "batch_size": 3, "lr": 2e-3, "budget_tokens": 16, "storage_path": str(root / "ray"), **TRAIN},
+                  "batch_size": 3, "lr": 2e-3, "budget_tokens": 16, "reuse_src_pos": False,
+                  "storage_path": str(root / "ray"), **TRAIN},
     })
     entry = train_on_mined(sj)
     assert entry["data"]["source"] == "pseudo_labels", entry
+    # The checkpoint says which positions it was tuned on, so the engine serves those (the start was aligned).
+    assert load_model(ModelConfig(path=s1)).spec.reuse_src_pos is True
+    assert load_model(ModelConfig(path=str(root / "s2-pl"))).spec.reuse_src_pos is False
     assert (entry["data"]["zoomed_rows"], entry["data"]["direct_rows"], entry["data"]["training_rows"]) == (3, 2, 5)
     # Direct targets are the starting checkpoint's own plain answers at the training budget.
     trained = pq.read_table(root / "mined-pl" / "training" / "sft-train.parquet").to_pylist()
