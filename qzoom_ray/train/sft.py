@@ -51,6 +51,9 @@ class MineConfig(StrictModel):
     roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
         "absolute", description="How roi_thresh is read (ZoomConfig.roi_thresh_mode): mine with the serving rule."
     )
+    roi_max_downscale: float | None = Field(
+        None, ge=1.0, description="The serving cap on the box (ZoomConfig.roi_max_downscale); None: no cap."
+    )
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     judge: Literal["metric", "llm"] = "metric"
@@ -63,14 +66,15 @@ class MineConfig(StrictModel):
 
 
 def engine_config(model: ModelConfig, mode: str, budget_tokens: int, roi_thresh: float = 0.1,
-                  batch_size: int = 8, max_new_tokens: int = 32, roi_thresh_mode: str = "absolute") -> EngineConfig:
+                  batch_size: int = 8, max_new_tokens: int = 32, roi_thresh_mode: str = "absolute",
+                  roi_max_downscale: float | None = None) -> EngineConfig:
     """The engine of mining and of training's pass 1: exactly ``budget_tokens``, every record gated, and the RoI
     positions the checkpoint records (a model is mined as it is served)."""
     px = budget_tokens * 28**2
     return EngineConfig.model_validate({
         "model": model.model_dump(),
         "zoom": {"mode": mode, "gate_thresh": 0.0, "roi_thresh": roi_thresh, "roi_thresh_mode": roi_thresh_mode,
-                 "min_pixels": px, "max_pixels": px},
+                 "roi_max_downscale": roi_max_downscale, "min_pixels": px, "max_pixels": px},
         "generation": {"max_new_tokens": max_new_tokens},
         "max_batch_size": batch_size,
     })
@@ -81,7 +85,7 @@ def mine_engine(cfg: MineConfig, mode: str, loaded: Any = None) -> Any:
     from qzoom_ray.model.engine import QZoomEngine
 
     return QZoomEngine(engine_config(cfg.model, mode, cfg.budget_tokens, cfg.roi_thresh, cfg.batch_size,
-                                     cfg.max_new_tokens, cfg.roi_thresh_mode), loaded=loaded)
+                                     cfg.max_new_tokens, cfg.roi_thresh_mode, cfg.roi_max_downscale), loaded=loaded)
 
 
 class RegressionMiner:
@@ -176,6 +180,9 @@ class SftConfig(StageConfig):
     roi_thresh: float = Field(0.1, ge=0, description="tau_roi of pass 1.")
     roi_thresh_mode: Literal["absolute", "peak_relative"] = Field(
         "absolute", description="How roi_thresh is read in pass 1 (ZoomConfig.roi_thresh_mode)."
+    )
+    roi_max_downscale: float | None = Field(
+        None, ge=1.0, description="The cap on pass 1's box (ZoomConfig.roi_max_downscale): train on the boxes served."
     )
     lr: float = 1e-6
     zoom_budgets: list[int] | None = Field(
@@ -318,7 +325,8 @@ def sft_worker(config: dict[str, Any]) -> None:
         raise ValueError("stage 2 starts from a stage-1 checkpoint (it needs the twig)")
     mcfg = ModelConfig(path=cfg.init_from, device=device.type, dtype=cfg.dtype)
     engine = QZoomEngine(engine_config(mcfg, "qzoom", cfg.budget_tokens, cfg.roi_thresh,
-                                       roi_thresh_mode=cfg.roi_thresh_mode), loaded=loaded)
+                                       roi_thresh_mode=cfg.roi_thresh_mode, roi_max_downscale=cfg.roi_max_downscale),
+                         loaded=loaded)
     set_trainable(sft_trainable(loaded), [loaded.adapter.model, loaded.heads])
     loaded.adapter.model.train()
     if loaded.heads.spec.reuse_src_pos != cfg.reuse_src_pos:

@@ -1,4 +1,4 @@
-"""Stage 2's per-row budgets: zoomed rows drawn from ``zoom_budgets``, direct rows at ``budget_tokens``."""
+"""Stage 2's settings reach its engines: per-row budgets, RoI positions and the serving box rule."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from qzoom_ray.config import ModelConfig
 from qzoom_ray.train import sft
 
 
@@ -36,3 +37,17 @@ def test_zoomed_rows_draw_their_budget_and_direct_rows_keep_the_training_budget(
 def test_without_zoom_budgets_every_row_uses_the_training_budget(monkeypatch):
     seen = _budgets_seen(monkeypatch, [{"kind": "direct"}, {"kind": "regression"}] * 3)
     assert {b for _, b, _ in seen} == {128} and all(aligned for _, _, aligned in seen)
+
+
+def test_mining_uses_the_serving_box_rule_and_the_checkpoints_positions(monkeypatch):
+    import qzoom_ray.model.engine as engine_module
+
+    built = []
+    monkeypatch.setattr(engine_module, "QZoomEngine", lambda cfg, loaded=None: built.append(cfg) or cfg)
+    mine = sft.MineConfig(model=ModelConfig(path="x"), budget_tokens=256, roi_thresh=0.5,
+                          roi_thresh_mode="peak_relative", roi_max_downscale=2.0)
+    zoom = sft.mine_engine(mine, "qzoom").zoom
+    assert (zoom.roi_thresh_mode, zoom.roi_max_downscale, zoom.roi_thresh) == ("peak_relative", 2.0, 0.5)
+    assert zoom.min_pixels == zoom.max_pixels == 256 * 28**2 and zoom.gate_thresh == 0.0
+    assert zoom.reuse_src_pos is None  # the checkpoint's own positions, as served
+    assert sft.engine_config(ModelConfig(path="x"), "qzoom", 128).zoom.roi_max_downscale is None
