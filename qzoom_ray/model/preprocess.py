@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from qzoom_ray import geometry
 from qzoom_ray.config import BudgetThresholds, ZoomConfig
@@ -15,6 +16,37 @@ from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, Pr
 
 if TYPE_CHECKING:
     from qzoom_ray.model.engine import QZoomEngine
+
+
+def _is_pil_backend(image_processor: object) -> bool:
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # older transformers: no backends, leave resizing to the processor
+        return False
+    return isinstance(image_processor, PilBackend)
+
+
+def presize_image(
+    image: Image.Image, image_processor: object, factor: int, min_pixels: int, max_pixels: int, max_aspect_ratio: float
+) -> Image.Image:
+    """``image`` resized to the size the processor would give it, with the processor's own filter.
+
+    The PIL image processor turns the full-resolution image into arrays twice before it resizes (about
+    half of ``prepare``'s time on large pages). Resizing the PIL image first is the same PIL call on the
+    same pixels, so the patches are identical, and the processor's own resize becomes a copy. Other
+    backends (torchvision) resize differently and are left to do it themselves.
+    """
+    if not getattr(image_processor, "do_resize", False) or not _is_pil_backend(image_processor):
+        return image
+    h, w = geometry.smart_resize(image.height, image.width, factor, min_pixels, max_pixels, max_aspect_ratio)
+    if (w, h) == image.size:
+        return image
+    # The processor re-applies its rule to what it gets; if that would move the size again (clamped
+    # extreme aspect ratios), the pre-resized image would not match, so let the processor do it all.
+    if geometry.smart_resize(h, w, factor, min_pixels, max_pixels, max_aspect_ratio) != (h, w):
+        return image
+    resample = getattr(image_processor, "resample", None)
+    return image.resize((w, h), resample=Image.Resampling.BILINEAR if resample is None else resample)
 
 
 class RecordError(ValueError):
@@ -43,10 +75,11 @@ def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord 
         geometry.smart_resize(
             image.height, image.width, engine.adapter.token_px, lo, hi, max_aspect_ratio=cfg.max_aspect_ratio
         )
-        prompt = build_prompt(engine.processor, question, cfg.generation.prompt_suffix)
-        out = engine.processor(
-            text=[prompt], images=[image], return_tensors="np", **image_size_kwargs(lo, hi)
+        view = presize_image(
+            image, engine.processor.image_processor, engine.adapter.token_px, lo, hi, cfg.max_aspect_ratio
         )
+        prompt = build_prompt(engine.processor, question, cfg.generation.prompt_suffix)
+        out = engine.processor(text=[prompt], images=[view], return_tensors="np", **image_size_kwargs(lo, hi))
     except (ImageError, RecordError, ValueError) as exc:
         from qzoom_ray.model.engine import error_result
 
@@ -91,7 +124,9 @@ def prepare_roi(engine: QZoomEngine, request: ZoomRequest, image=None) -> Prepar
         raise ValueError("prepare_roi needs the original image (pass image= after a process boundary)")
     crop = crop_image(source, request.box_px)
     lo, hi = roi_budget(engine, request.prepared)
-    out = engine.processor.image_processor(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))
+    ip = engine.processor.image_processor
+    crop = presize_image(crop, ip, engine.adapter.token_px, lo, hi, engine.config.max_aspect_ratio)
+    out = ip(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))
     return PreparedRoi(
         pixel_values=np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
         grid_thw=tuple(int(v) for v in out["image_grid_thw"][0]),
