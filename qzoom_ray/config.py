@@ -81,6 +81,11 @@ class ModelConfig(StrictModel):
         True,
         description="Fail when the checkpoint has no Q-Zoom heads. False lets a stock model run baseline mode.",
     )
+    linear_patch_embed: bool = Field(
+        True,
+        description="Run the vision tower's patch Conv3d (kernel == stride) as one matrix product: the same "
+        "weights and function, without PyTorch's slow Conv3d path for that shape (qzoom_ray/model/patch_embed.py).",
+    )
 
 
 class BudgetThresholds(StrictModel):

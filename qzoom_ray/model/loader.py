@@ -115,6 +115,10 @@ def load_model(cfg: ModelConfig, repetition_penalty: float | None = None) -> Loa
     finally:
         hf_logging.set_verbosity(previous)
     model.to(device).eval()
+    if cfg.linear_patch_embed:
+        from qzoom_ray.model.patch_embed import use_linear_patch_embed
+
+        use_linear_patch_embed(model)
     # The heads live apart from the backbone; a plain `save_pretrained` must not claim to have them.
     for key in QZoomHeadsSpec.CONFIG_FIELDS:
         if hasattr(model.config, key):
