@@ -98,3 +98,16 @@ def test_prepare_hands_the_processor_a_small_view(tiny_model_dir, monkeypatch):
         rgb = original.convert("RGB")
         want, _ = patches(engine.processor.image_processor, rgb, lo, hi)
     np.testing.assert_array_equal(prep.pixel_values, want)
+
+
+def test_bench_prepare_runs_and_reports_identical_patches(tiny_model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[2] / "jobs" / "bench_prepare.py"
+    args = ["--model", tiny_model_dir, "--records", "2", "--budgets", "64", "--batch", "2", "--repeats", "1"]
+    out = subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "identical patches: True" in out.stdout
+    assert "vision tower: Conv3d" in out.stdout and "speedup" in out.stdout
