@@ -114,6 +114,7 @@ def prediction_row(method: str, budget: int, row: LabelledRow, res: EngineResult
         "coarse_tokens": res.coarse_visual_tokens,
         "roi_tokens": res.roi_visual_tokens,
         "output_tokens": res.output_tokens,
+        "answer_logprob": res.answer_logprob,
         "prep_s": t.get("prep_s", 0.0),
         "model_s": model_s,
         "error": res.error,

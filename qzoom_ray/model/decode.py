@@ -37,8 +37,11 @@ def greedy_decode(
     eos_ids: set[int],
     pad_id: int,
     repetition_penalty: float,
-) -> list[list[int]]:
-    """Decode every row until EOS or its own token limit; returns the generated ids (EOS included).
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Decode every row until EOS or its own token limit.
+
+    Returns the generated ids (EOS included) and, per id, its log-probability under the distribution
+    it was picked from (after the repetition penalty).
 
     ``next_position`` (batch,) is the M-RoPE position of the first generated token, equal on all
     three axes; each step advances it by one, so no module ever caches a rope delta.
@@ -49,12 +52,14 @@ def greedy_decode(
     eos = torch.tensor(sorted(eos_ids), device=device)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     out = torch.full((bsz, max(max_new_tokens)), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(out.shape, dtype=torch.float32, device=device)
     logits = first_logits
     mask = attention_mask
     for step in range(out.shape[1]):
         logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
         tokens = torch.where(finished, torch.full_like(finished, pad_id, dtype=torch.long), logits.argmax(-1))
         out[:, step] = tokens
+        logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         seen.scatter_(1, tokens[:, None], (~finished)[:, None])
         finished |= torch.isin(tokens, eos) | (step + 1 >= limits)
         if bool(finished.all()):
@@ -71,12 +76,13 @@ def greedy_decode(
             cache=cache,
         )
         logits = adapter.lm_head(adapter.final_norm(hidden[:, -1, :]))
-    result = []
-    for row, limit in zip(out.tolist(), max_new_tokens, strict=True):
+    result, scores = [], []
+    for row, row_logprobs, limit in zip(out.tolist(), logprobs.tolist(), max_new_tokens, strict=True):
         ids = []
         for t in row[:limit]:
             ids.append(t)
             if t in eos_ids:
                 break
         result.append(ids)
-    return result
+        scores.append(row_logprobs[: len(ids)])
+    return result, scores

@@ -129,7 +129,7 @@ class QZoomEngine:
 
     def _finish(
         self, preps: Sequence[PreparedRecord], cache, mask, positions, first_logits, prompt_ids
-    ) -> list[list[int]]:
+    ) -> tuple[list[list[int]], list[list[float]]]:
         next_pos = positions.amax(dim=(0, 2)) + 1
         seen = seen_token_mask(prompt_ids, mask, first_logits.shape[-1])
         return greedy_decode(
@@ -216,7 +216,7 @@ class QZoomEngine:
                 )
             first = a.lm_head(a.final_norm(h[:, -1, :])).float()
             sub_preps = [preps[b] for b in direct]
-            tokens = self._finish(sub_preps, sub_cache, sub_mask, sub_pos, first, batch.input_ids[rows])
+            tokens, logprobs = self._finish(sub_preps, sub_cache, sub_mask, sub_pos, first, batch.input_ids[rows])
             t_dec = time.perf_counter()
             for i, (b, toks, ans) in enumerate(zip(direct, tokens, self._answers(tokens), strict=True)):
                 results[b] = self._result(
@@ -224,6 +224,7 @@ class QZoomEngine:
                     routes[b],
                     toks,
                     ans,
+                    token_logprobs=logprobs[i],
                     gate_score=gate[b],
                     roi_map=maps.get(b),
                     timings={
@@ -346,7 +347,7 @@ class QZoomEngine:
         first = a.lm_head(a.final_norm(h[:, -1, :])).float()
         t_pre = time.perf_counter()
         preps = [req.prepared for req, _ in items]
-        tokens = self._finish(preps, cache, zb.attention_mask, zb.positions, first, zb.input_ids)
+        tokens, logprobs = self._finish(preps, cache, zb.attention_mask, zb.positions, first, zb.input_ids)
         t_dec = time.perf_counter()
         out = []
         for i, ((req, roi), toks, ans) in enumerate(zip(items, tokens, self._answers(tokens), strict=True)):
@@ -358,6 +359,7 @@ class QZoomEngine:
                     ROUTE_ZOOM,
                     toks,
                     ans,
+                    token_logprobs=logprobs[i],
                     gate_score=req.gate_score,
                     roi_box_px=tuple(int(v) for v in req.box_px),
                     roi_box_norm=geometry.normalise_box(req.box_px, wh),

@@ -49,8 +49,16 @@ class EngineResult:
     error: str | None = None
     roi_map: np.ndarray | None = None
     token_ids: list[int] = field(default_factory=list)
+    #: Log-probability of each generated token (greedy, after the repetition penalty), EOS included.
+    token_logprobs: list[float] = field(default_factory=list)
     #: First-step logits (vocab,), only when the caller asks for them (tests, debugging).
     first_logits: torch.Tensor | None = None
+
+    @property
+    def answer_logprob(self) -> float | None:
+        """The answer's log-probability (sum over its tokens, EOS included): a confidence to rank or triage
+        answers by. None when nothing was generated (errors)."""
+        return float(sum(self.token_logprobs)) if self.token_logprobs else None
 
     @property
     def visual_tokens(self) -> int:

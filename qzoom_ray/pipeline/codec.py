@@ -143,6 +143,7 @@ def result_to_row(res: EngineResult) -> dict[str, Any]:
         "roi_box_norm": list(res.roi_box_norm) if res.roi_box_norm else None,
         "roi_visual_tokens": res.roi_visual_tokens,
         "output_tokens": res.output_tokens,
+        "answer_logprob": res.answer_logprob,
         "coarse_s": t.get("coarse_s"),
         "zoom_s": t.get("zoom_s"),
         "decode_s": t.get("decode_s"),

@@ -130,6 +130,9 @@ class QZoomInfo(BaseModel):
     coarse_visual_tokens: int
     roi_visual_tokens: int
     output_tokens: int
+    answer_logprob: float | None = Field(
+        None, description="Log-probability of the whole answer (sum over its tokens): a confidence to triage by."
+    )
     timings: dict[str, float]
 
 
@@ -169,6 +172,7 @@ def completion_from_result(
             coarse_visual_tokens=result.coarse_visual_tokens,
             roi_visual_tokens=result.roi_visual_tokens,
             output_tokens=result.output_tokens,
+            answer_logprob=result.answer_logprob,
             timings={k: round(v, 6) for k, v in result.timings.items()},
         ),
     )

@@ -142,3 +142,24 @@ def test_branch_point_zero_runs_both_routes_and_reuses_exactly(tmp_path):
     for a, b in zip(reused, fresh, strict=True):
         torch.testing.assert_close(a.first_logits, b.first_logits, atol=1e-4, rtol=1e-4)
         assert a.token_ids == b.token_ids and a.zoomed
+
+
+def test_answer_logprobs_are_those_of_the_decoded_tokens(tiny_model_dir):
+    """Each token's log-probability is read from the distribution greedy decoding picked it from."""
+    from qzoom_ray.model.decode import apply_repetition_penalty
+
+    engine = QZoomEngine(engine_config(tiny_model_dir))
+    items = zoom_requests(engine)
+    zoomed = engine.zoom(items, return_logits=True)
+    direct_engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"mode": "baseline"}), loaded=engine.loaded)
+    direct = direct_engine.coarse([req.prepared for req, _ in items], return_logits=True)
+    penalty = engine.loaded.repetition_penalty
+    for (req, _), res in zip(items + items, zoomed + direct, strict=True):
+        assert len(res.token_logprobs) == len(res.token_ids) > 0
+        assert all(lp <= 0.0 for lp in res.token_logprobs)
+        assert res.answer_logprob == sum(res.token_logprobs)
+        seen = torch.zeros_like(res.first_logits, dtype=torch.bool)
+        seen[torch.from_numpy(req.prepared.input_ids)] = True
+        first = apply_repetition_penalty(res.first_logits[None], seen[None], penalty)[0]
+        want = torch.log_softmax(first, dim=-1)[res.token_ids[0]]
+        assert abs(res.token_logprobs[0] - float(want)) < 1e-4

@@ -52,6 +52,7 @@ def test_every_input_id_exactly_once_with_answers_or_clear_errors(gpu_job):
     for r in GOOD:
         got = by_id[r["id"]]
         assert got["error"] is None and got["answer"] and got["output_tokens"] > 0
+        assert got["answer_logprob"] is not None and got["answer_logprob"] <= 0.0
         assert got["zoomed"] == (r["gate_thresh"] == 0.0)
         assert got["input_answer"] == r["answer"]  # ground truth passed through, renamed
         if got["zoomed"]:

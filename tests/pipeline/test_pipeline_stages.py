@@ -64,6 +64,7 @@ def test_stages_match_in_process_engine(engine_dict, prepared, reference, mode):
         assert (row["answer"], row["route"], row["zoomed"]) == (ref.answer, ref.route, ref.zoomed)
         assert row["error"] is None and row["coarse_visual_tokens"] == ref.coarse_visual_tokens
         assert row["roi_visual_tokens"] == ref.roi_visual_tokens
+        assert row["answer_logprob"] == pytest.approx(ref.answer_logprob, abs=1e-4)
         if ref.zoomed:
             assert row["roi_box_px"] == list(ref.roi_box_px) and row["zoom_s"] > 0 and row["crop_s"] > 0
             assert row[S.ROI_PIXELS] is None and row[S.PREFIX_STATE] is None  # spent columns freed

@@ -132,12 +132,14 @@ def test_completion_direct_and_zoomed(url):
     assert q["route"] == "direct" and not q["zoomed"] and q["roi_box_px"] is None
     assert 0.0 <= q["gate_score"] <= 1.0 and q["coarse_visual_tokens"] > 0
     assert (q["image_width"], q["image_height"]) == (320, 240)
+    assert q["answer_logprob"] <= 0.0
 
     zoomed = post(url, chat_body(PNG, "What is the total?", max_tokens=4, gate_thresh=0.0)).json()
     z = zoomed["qzoom"]
     assert z["zoomed"] and z["route"] == "zoom" and z["roi_visual_tokens"] > 0
     x0, y0, x1, y1 = z["roi_box_px"]
     assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 240
+    assert z["answer_logprob"] <= 0.0
     assert zoomed["usage"]["prompt_tokens"] > out["usage"]["prompt_tokens"]
 
 
