@@ -10,7 +10,7 @@ from __future__ import annotations
 def main() -> None:
     from qzoom_ray.train.cli import run_training_job
 
-    run_training_job(__doc__, "qzoom_ray.train.base_config:TrainBaseConfig", "qzoom_ray.train.base:train_base")
+    run_training_job(__doc__, "qzoom_ray.train.base_config:TrainBaseConfig", "qzoom_ray.train.base_launch:train_base")
 
 
 if __name__ == "__main__":

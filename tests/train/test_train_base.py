@@ -10,8 +10,8 @@ import torch
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.model.engine import QZoomEngine
 from qzoom_ray.model.state import EngineRecord
-from qzoom_ray.train.base import train_base
 from qzoom_ray.train.base_config import TinyArch, TrainBaseConfig, TrainPhase
+from qzoom_ray.train.base_launch import train_base
 from qzoom_ray.train.smoke_source import COLOURS
 
 
