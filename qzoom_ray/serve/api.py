@@ -91,6 +91,8 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = 1
     temperature: float | None = None  # accepted and ignored: decoding is greedy
     top_p: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     qzoom: QZoomOptions | None = None
 
 
@@ -244,3 +246,9 @@ def check_unsupported(req: ChatCompletionRequest, model_name: str) -> None:
         raise _bad("stream=true is not supported by this server", "stream")
     if req.n not in (None, 1):
         raise _bad("only n=1 is supported (decoding is greedy)", "n")
+    if req.logprobs or req.top_logprobs:
+        raise _bad(
+            "per-token logprobs are not supported; the response's qzoom.answer_logprob is the answer's "
+            "log-probability",
+            "top_logprobs" if req.top_logprobs and not req.logprobs else "logprobs",
+        )

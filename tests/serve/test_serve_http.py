@@ -293,6 +293,8 @@ BAD_REQUESTS = {
     ),
     "missing messages": ({"model": MODEL}, 400, "messages"),
     "negative max_tokens": ({**chat_body(PNG, "Total?"), "max_tokens": -1}, 400, "max_tokens"),
+    "per-token logprobs": ({**chat_body(PNG, "Total?"), "logprobs": True}, 400, "answer_logprob"),
+    "top logprobs": ({**chat_body(PNG, "Total?"), "top_logprobs": 3}, 400, "answer_logprob"),
     "extreme aspect ratio (engine check)": (
         chat_body(make_image_bytes(2000, 5, 3), "Total?"),
         400,
