@@ -7,8 +7,9 @@
     python jobs/evaluate.py --data d.parquet --config configs/eval-tiny-qzoom.yaml \
         --baseline-model embedded:tiny-base   # the paper's comparison: the untouched base model
 
-Writes summary.csv, summary.md (table + speedups), tradeoff.json, pareto.png and
-predictions.parquet (one row per record and setting; the gallery reads it) into --out.
+Writes summary.csv, summary.md (table + speedups), tradeoff.json, pareto.png,
+predictions.parquet (one row per record and setting; the gallery reads it) and confidence.json /
+confidence.png (accuracy of the most confident records, ranked by answer_logprob) into --out.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                           baseline_config=baseline_config)
     report = write_report(runs, settings, args.out, title=title)
     print(report["markdown"])
-    print(f"wrote {args.out}/summary.csv, summary.md, tradeoff.json, pareto.png, predictions.parquet")
+    print(f"wrote {args.out}/summary.csv, summary.md, tradeoff.json, pareto.png, predictions.parquet, confidence.*")
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qzoom_ray.eval.confidence import write_confidence
 from qzoom_ray.eval.evaluate import BASELINE, ORACLE, QZOOM, EvalSettings, SettingRun
 
 GROUPS = ("question_type", "split", "category")
@@ -197,7 +198,8 @@ def pareto_plot(rows: Sequence[dict[str, Any]], t: dict[str, Any], path: Path, t
 
 
 def write_report(runs: Sequence[SettingRun], settings: EvalSettings, out_dir: str | Path, title: str = "") -> dict[str, Any]:
-    """summary.csv, summary.md, tradeoff.json, pareto.png and predictions.parquet under ``out_dir``."""
+    """summary.csv, summary.md, tradeoff.json, pareto.png, predictions.parquet and, where the answers carry
+    log-probabilities, confidence.json / confidence.png under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [summarise(r) for r in runs]
@@ -217,4 +219,5 @@ def write_report(runs: Sequence[SettingRun], settings: EvalSettings, out_dir: st
         pq.write_table(pa.Table.from_pylist(preds), out / "predictions.parquet")
     if rows:
         pareto_plot(rows, t, out / "pareto.png", title)
+    write_confidence(runs, out)
     return {"rows": rows, "tradeoff": t, "markdown": md}

@@ -67,7 +67,8 @@ def test_evaluation_end_to_end_with_the_tiny_model(tiny_model_dir, synth_parquet
         assert all(p["error"] is None and 0.0 <= p["score"] <= 1.0 for p in run.predictions)
         assert all(p["visual_tokens"] <= 2 * run.budget + 8 for p in run.predictions)
     report = write_report(runs, settings, tmp_path / "out")
-    for name in ("summary.csv", "summary.md", "tradeoff.json", "pareto.png", "predictions.parquet"):
+    names = ("summary.csv", "summary.md", "tradeoff.json", "pareto.png", "predictions.parquet", "confidence.png")
+    for name in names:
         assert (tmp_path / "out" / name).stat().st_size > 0
     by = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert by[("baseline", 16)]["gate_rate"] == 0.0 and by[("baseline", 16)]["n"] == 3
@@ -75,6 +76,9 @@ def test_evaluation_end_to_end_with_the_tiny_model(tiny_model_dir, synth_parquet
     assert "question_type=fine" in report["markdown"] or "question_type=coarse" in report["markdown"]
     t = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
     assert "gain_at_max_fidelity" in t and "baseline_peak" in t
+    curves = json.loads((tmp_path / "out" / "confidence.json").read_text())
+    assert set(curves) == {"baseline Max-16", "baseline Max-32", "qzoom Max-16"}
+    assert curves["qzoom Max-16"]["1"] == pytest.approx(by[("qzoom", 16)]["accuracy"], abs=0.01)
 
     # The gallery renders from those predictions, with inline images and the RoI map of Q-Zoom.
     preds = [p for r in runs for p in r.predictions]
