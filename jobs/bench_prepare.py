@@ -70,7 +70,7 @@ def main() -> None:
 
     stock = Qwen2_5_VisionPatchEmbed(ip.patch_size, ip.temporal_patch_size, 3, fast.proj.out_channels)
     stock.proj = fast.proj  # same weight, stock forward
-    px, token_px = 28 * 28, engine.adapter.token_px
+    px = engine.adapter.token_px**2
     print(f"model: {engine.loaded.source}  images: {len(images)}  torch threads: {torch.get_num_threads()}")
     for budget in (int(b) for b in args.budgets.split(",")):
         lo, hi = min(args.min_tokens, budget) * px, budget * px
@@ -81,7 +81,7 @@ def main() -> None:
 
         def engine_prep(lo=lo, hi=hi, size=size):
             return [
-                ip(images=[presize_image(load_image(b), ip, token_px, lo, hi, 200.0)], return_tensors="np", **size)
+                ip(images=[presize_image(load_image(b), ip, lo, hi, 200.0)], return_tensors="np", **size)
                 for b in images
             ]
 

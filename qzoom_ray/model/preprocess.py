@@ -27,7 +27,7 @@ def _is_pil_backend(image_processor: object) -> bool:
 
 
 def presize_image(
-    image: Image.Image, image_processor: object, factor: int, min_pixels: int, max_pixels: int, max_aspect_ratio: float
+    image: Image.Image, image_processor: object, min_pixels: int, max_pixels: int, max_aspect_ratio: float
 ) -> Image.Image:
     """``image`` resized to the size the processor would give it, with the processor's own filter.
 
@@ -38,6 +38,10 @@ def presize_image(
     """
     if not getattr(image_processor, "do_resize", False) or not _is_pil_backend(image_processor):
         return image
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    if not isinstance(patch, int) or not isinstance(merge, int):
+        return image
+    factor = patch * merge  # the processor's own rounding unit, whatever the adapter assumes
     h, w = geometry.smart_resize(image.height, image.width, factor, min_pixels, max_pixels, max_aspect_ratio)
     if (w, h) == image.size:
         return image
@@ -75,9 +79,7 @@ def prepare_record(engine: QZoomEngine, record: EngineRecord) -> PreparedRecord 
         geometry.smart_resize(
             image.height, image.width, engine.adapter.token_px, lo, hi, max_aspect_ratio=cfg.max_aspect_ratio
         )
-        view = presize_image(
-            image, engine.processor.image_processor, engine.adapter.token_px, lo, hi, cfg.max_aspect_ratio
-        )
+        view = presize_image(image, engine.processor.image_processor, lo, hi, cfg.max_aspect_ratio)
         prompt = build_prompt(engine.processor, question, cfg.generation.prompt_suffix)
         out = engine.processor(text=[prompt], images=[view], return_tensors="np", **image_size_kwargs(lo, hi))
     except (ImageError, RecordError, ValueError) as exc:
@@ -125,7 +127,7 @@ def prepare_roi(engine: QZoomEngine, request: ZoomRequest, image=None) -> Prepar
     crop = crop_image(source, request.box_px)
     lo, hi = roi_budget(engine, request.prepared)
     ip = engine.processor.image_processor
-    crop = presize_image(crop, ip, engine.adapter.token_px, lo, hi, engine.config.max_aspect_ratio)
+    crop = presize_image(crop, ip, lo, hi, engine.config.max_aspect_ratio)
     out = ip(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))
     return PreparedRoi(
         pixel_values=np.ascontiguousarray(out["pixel_values"], dtype=np.float32),

@@ -47,7 +47,7 @@ def test_presized_image_gives_the_processors_patches(image_processor, width, hei
     lo, hi = min(min_tokens, budget) * PX * PX, budget * PX * PX
     image = noise_image(width, height, seed)
     want_pixels, want_grid = patches(image_processor, image, lo, hi)
-    view = presize_image(image, image_processor, PX, lo, hi, 200.0)
+    view = presize_image(image, image_processor, lo, hi, 200.0)
     got_pixels, got_grid = patches(image_processor, view, lo, hi)
     np.testing.assert_array_equal(got_grid, want_grid)
     np.testing.assert_array_equal(got_pixels, want_pixels)
@@ -65,7 +65,7 @@ def test_sizes_the_rule_would_move_again_are_left_to_the_processor(image_process
     image = noise_image(30, 5000, 0)
     h, w = geometry.smart_resize(5000, 30, PX, lo, hi)
     assert geometry.smart_resize(h, w, PX, lo, hi) != (h, w)
-    assert presize_image(image, image_processor, PX, lo, hi, 200.0) is image
+    assert presize_image(image, image_processor, lo, hi, 200.0) is image
 
 
 def test_processor_without_resizing_gets_the_original(image_processor):
@@ -73,7 +73,7 @@ def test_processor_without_resizing_gets_the_original(image_processor):
         do_resize = False
 
     image = noise_image(300, 200, 0)
-    assert presize_image(image, NoResize(), PX, 16 * PX * PX, 64 * PX * PX, 200.0) is image
+    assert presize_image(image, NoResize(), 16 * PX * PX, 64 * PX * PX, 200.0) is image
 
 
 def test_prepare_hands_the_processor_a_small_view(tiny_model_dir, monkeypatch):
@@ -111,3 +111,20 @@ def test_bench_prepare_runs_and_reports_identical_patches(tiny_model_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "identical patches: True" in out.stdout
     assert "vision tower: Conv3d" in out.stdout and "speedup" in out.stdout
+
+
+def test_crop_patches_are_the_processors_on_the_raw_crop(tiny_model_dir):
+    from qzoom_ray.images import crop_image
+    from qzoom_ray.model.preprocess import roi_budget
+
+    engine = QZoomEngine(engine_config(tiny_model_dir))
+    lo, hi = 16 * PX * PX, 64 * PX * PX
+    record = EngineRecord("big", make_image_bytes(1600, 1200), "Which code?", min_pixels=lo, max_pixels=hi)
+    prep = engine.prepare(record)
+    request = engine.request_for_box(prep, (0.1, 0.2, 0.7, 0.9))
+    roi = engine.prepare_roi(request)
+    crop = crop_image(prep.image, request.box_px)
+    want, grid = patches(engine.processor.image_processor, crop, *roi_budget(engine, prep))
+    assert crop.size[0] * crop.size[1] > 4 * hi  # big enough that the pre-resize does the work
+    np.testing.assert_array_equal(roi.pixel_values, want)
+    assert tuple(grid[0]) == roi.grid_thw
