@@ -115,6 +115,7 @@ def prediction_row(method: str, budget: int, row: LabelledRow, res: EngineResult
         "roi_tokens": res.roi_visual_tokens,
         "output_tokens": res.output_tokens,
         "answer_logprob": res.answer_logprob,
+        "escalated": bool(res.escalated),
         "prep_s": t.get("prep_s", 0.0),
         "model_s": model_s,
         "error": res.error,
@@ -147,6 +148,10 @@ def _engine_config(config: EngineConfig, mode: str, batch_size: int, return_map:
     data = config.model_dump()
     data["zoom"]["mode"] = mode
     data["zoom"]["return_roi_map"] = return_map
+    if mode == BASELINE:
+        # The baseline ladder is the plain model at each budget, the reference the speedups are measured
+        # against; escalation (EngineConfig.escalation) applies to the Q-Zoom rows only.
+        data["escalation"] = None
     data["max_batch_size"] = batch_size
     return EngineConfig.model_validate(data)
 

@@ -64,6 +64,8 @@ def summarise(run: SettingRun) -> dict[str, Any]:
             "errors": sum(1 for p in preds if p["error"]),
         }
     )
+    if any(p.get("escalated") for p in preds):
+        row["escalation_rate"] = _mean([float(bool(p.get("escalated"))) for p in preds])
     return row
 
 
@@ -109,7 +111,7 @@ def _compare(q: dict[str, Any], b: dict[str, Any], basis: str) -> dict[str, Any]
 def _fmt(value: Any, key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key in ("gate_rate", "fallback_rate", "roi_iou", "roi_centre_hit", "roi_coverage"):
+    if key in ("gate_rate", "fallback_rate", "roi_iou", "roi_centre_hit", "roi_coverage", "escalation_rate"):
         return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.1f}" if key in ("accuracy", "visual_tokens") or "=" in key else f"{value:.3g}"
@@ -125,6 +127,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows[1:]:
         groups += [k for k in r if "=" in k and k not in groups]
     cols = MD_COLUMNS + groups + MD_TAIL
+    if any("escalation_rate" in r for r in rows):
+        cols.insert(cols.index("gate_rate") + 1, "escalation_rate")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols) + " |")

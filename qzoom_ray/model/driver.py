@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -49,6 +50,57 @@ def _internal_error(item, exc: Exception) -> EngineResult:
 
 
 def run_records(
+    engine: QZoomEngine, records: Sequence[EngineRecord], return_logits: bool = False
+) -> list[EngineResult]:
+    results = _run_once(engine, records, return_logits)
+    if engine.config.escalation is not None:
+        results = _escalate(engine, records, results, return_logits)
+    return results
+
+
+def escalation_budget(engine: QZoomEngine, record: EngineRecord) -> int | None:
+    """The budget (Max-M) this record is re-answered at when unsure, or None."""
+    esc = engine.config.escalation
+    if esc is None:
+        return None
+    px = engine.adapter.token_px**2
+    return esc.to_budget.get(round((record.max_pixels or engine.config.zoom.max_pixels) / px))
+
+
+def _escalate(
+    engine: QZoomEngine, records: Sequence[EngineRecord], results: list[EngineResult], return_logits: bool
+) -> list[EngineResult]:
+    """Re-answer the unsure records at their larger budget; what the first answers cost stays on the record."""
+    esc = engine.config.escalation
+    assert esc is not None
+    px = engine.adapter.token_px**2
+    todo, again = [], []
+    for i, (rec, res) in enumerate(zip(records, results, strict=True)):
+        budget = escalation_budget(engine, rec)
+        lp = res.answer_logprob
+        if res.error is None and lp is not None and lp < esc.below_logprob and budget is not None:
+            todo.append(i)
+            again.append(dataclasses.replace(rec, max_pixels=budget * px))
+    if not todo:
+        return results
+    # run_records, not _run_once: a chain (128 -> 256 -> 576) escalates again where it is configured.
+    second = run_records(engine, again, return_logits)
+    out = list(results)
+    for i, res in zip(todo, second, strict=True):
+        first = results[i]
+        if res.error is not None:  # keep the first answer rather than lose the record to the retry
+            continue
+        timings = dict(first.timings)
+        for key, value in res.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+        out[i] = dataclasses.replace(
+            res, escalated=True, escalated_visual_tokens=first.visual_tokens + res.escalated_visual_tokens,
+            timings=timings,
+        )
+    return out
+
+
+def _run_once(
     engine: QZoomEngine, records: Sequence[EngineRecord], return_logits: bool = False
 ) -> list[EngineResult]:
     results: dict[int, EngineResult] = {}

@@ -51,6 +51,10 @@ class EngineResult:
     token_ids: list[int] = field(default_factory=list)
     #: Log-probability of each generated token (greedy, after the repetition penalty), EOS included.
     token_logprobs: list[float] = field(default_factory=list)
+    #: Set when the answer comes from a re-run at a larger budget (``EngineConfig.escalation``).
+    escalated: bool = False
+    #: Visual tokens the first (discarded) answers of an escalated record spent.
+    escalated_visual_tokens: int = 0
     #: First-step logits (vocab,), only when the caller asks for them (tests, debugging).
     first_logits: torch.Tensor | None = None
 
@@ -62,7 +66,7 @@ class EngineResult:
 
     @property
     def visual_tokens(self) -> int:
-        return self.coarse_visual_tokens + self.roi_visual_tokens
+        return self.coarse_visual_tokens + self.roi_visual_tokens + self.escalated_visual_tokens
 
 
 @dataclass

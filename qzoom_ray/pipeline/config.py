@@ -133,6 +133,15 @@ class BatchJobConfig(StrictModel):
         None, description="Ray cluster to join. None: RAY_ADDRESS if set (ray job submit), else a new local Ray."
     )
 
+    @model_validator(mode="after")
+    def _no_escalation(self) -> BatchJobConfig:
+        if self.engine.escalation is not None:
+            raise ValueError(
+                "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
+                "(engine.generate, jobs/evaluate.py); the batch job does not support it yet"
+            )
+        return self
+
     def result_fingerprint(self) -> str:
         """Hash of what decides the answers (engine config and input): guards a resume into old output.
 

@@ -166,6 +166,15 @@ class ServeArgs(StrictModel):
     coarse: DeploymentOptions = Field(default_factory=DeploymentOptions)
     zoom: DeploymentOptions = Field(default_factory=_zoom_defaults)
 
+    @model_validator(mode="after")
+    def _no_escalation(self) -> ServeArgs:
+        if self.engine.escalation is not None:
+            raise ValueError(
+                "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
+                "(engine.generate, jobs/evaluate.py); the endpoint does not support it yet"
+            )
+        return self
+
     def engine_for_serving(self) -> EngineConfig:
         """The engine config with the request limits folded in, so both layers enforce the tighter one."""
         eng = self.engine

@@ -10,7 +10,7 @@ from conftest import engine_config, load_job
 from qzoom_ray.eval.data import load_labelled
 from qzoom_ray.eval.evaluate import EvalSettings, SettingRun, box_metrics, min_tokens_for, run_evaluation
 from qzoom_ray.eval.gallery import build_gallery
-from qzoom_ray.eval.report import tradeoff, write_report
+from qzoom_ray.eval.report import markdown_table, summarise, tradeoff, write_report
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,17 @@ def test_oracle_rows_run_without_a_qzoom_ladder(tiny_model_dir, synth_parquet):
     runs = run_evaluation(rows, cfg, settings)
     assert [(r.method, r.budget) for r in runs] == [("baseline", 16), ("qzoom_oracle", 16)]
     assert all(p["zoomed"] for p in runs[-1].predictions)
+
+
+def test_escalation_applies_to_qzoom_rows_only(tiny_model_dir, synth_parquet):
+    rows = load_labelled(synth_parquet)
+    cfg = engine_config(
+        tiny_model_dir, generation={"max_new_tokens": 2}, escalation={"below_logprob": 0.0, "to_budget": {16: 32}}
+    )
+    settings = EvalSettings(baseline_budgets=[16], qzoom_budgets=[16], batch_size=2, warmup=0)
+    runs = {r.method: r for r in run_evaluation(rows, cfg, settings)}
+    assert not any(p["escalated"] for p in runs["baseline"].predictions)
+    assert all(p["escalated"] for p in runs["qzoom"].predictions)
+    row = summarise(runs["qzoom"])
+    assert row["escalation_rate"] == 1.0 and "escalation_rate" not in summarise(runs["baseline"])
+    assert "escalation_rate" in markdown_table([summarise(runs["baseline"]), row])

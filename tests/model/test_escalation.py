@@ -1,0 +1,98 @@
+"""Escalation: unsure answers are answered again at a larger budget; the cost of both stays on the record."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import engine_config, make_image_bytes
+from pydantic import ValidationError
+
+from qzoom_ray.config import EngineConfig
+from qzoom_ray.model.engine import QZoomEngine
+from qzoom_ray.model.state import EngineRecord
+
+PX = 28 * 28
+
+
+def records(budget: int) -> list[EngineRecord]:
+    out = [
+        EngineRecord(f"r{i}", make_image_bytes(300 + 90 * i, 260, i), "Which code is on the red square?",
+                     min_pixels=4 * PX, max_pixels=budget * PX)
+        for i in range(3)
+    ]
+    out.append(EngineRecord("bad", b"not an image", "Which code?", min_pixels=4 * PX, max_pixels=budget * PX))
+    out.append(EngineRecord("other-budget", make_image_bytes(320, 240, 9), "Which code?", min_pixels=4 * PX,
+                            max_pixels=24 * PX))
+    return out
+
+
+def test_unsure_answers_are_answered_again_at_the_larger_budget(tiny_model_dir):
+    plain = QZoomEngine(engine_config(tiny_model_dir))
+    first = plain.generate(records(16))
+    larger = plain.generate([dataclasses.replace(r, max_pixels=32 * PX) for r in records(16)])
+
+    esc = QZoomEngine(
+        engine_config(tiny_model_dir, escalation={"below_logprob": 0.0, "to_budget": {16: 32}}), loaded=plain.loaded
+    )
+    got = esc.generate(records(16))
+    assert [r.id for r in got] == [r.id for r in records(16)]
+    for i in range(3):  # every answer has log-probability < 0, so all three go to Max-32
+        g, f, big = got[i], first[i], larger[i]
+        assert g.escalated and (g.answer, g.route) == (big.answer, big.route)
+        assert g.coarse_visual_tokens == big.coarse_visual_tokens
+        assert g.escalated_visual_tokens == f.visual_tokens
+        assert g.visual_tokens == f.visual_tokens + big.visual_tokens
+    assert got[3].error and not got[3].escalated  # an error is not retried
+    assert not got[4].escalated and got[4].answer == first[4].answer  # Max-24 has no escalation entry
+
+
+def test_both_passes_costs_are_summed(tiny_model_dir, monkeypatch):
+    from qzoom_ray.model import driver
+    from qzoom_ray.model.state import EngineResult
+
+    engine = QZoomEngine(engine_config(tiny_model_dir, escalation={"below_logprob": -0.5, "to_budget": {16: 32}}))
+    recs = records(16)[:2]
+    first = [
+        EngineResult("r0", answer="7", route="direct", coarse_visual_tokens=16, token_logprobs=[-2.0, -0.1],
+                     timings={"coarse_s": 0.5, "decode_s": 0.25}),
+        EngineResult("r1", answer="8", route="direct", coarse_visual_tokens=16, token_logprobs=[-0.1, -0.1],
+                     timings={"coarse_s": 0.5}),
+    ]
+    again = EngineResult("r0", answer="9", route="zoom", coarse_visual_tokens=32, roi_visual_tokens=30,
+                         token_logprobs=[-0.2], timings={"coarse_s": 1.0, "zoom_s": 2.0})
+    seen = []
+    monkeypatch.setattr(driver, "run_records", lambda eng, rs, logits: seen.extend(rs) or [again])
+    out = driver._escalate(engine, recs, first, False)
+    assert [r.max_pixels for r in seen] == [32 * PX]  # only r0 is unsure (-2.1 < -0.5)
+    assert out[1] is first[1]
+    assert out[0].answer == "9" and out[0].escalated and out[0].route == "zoom"
+    assert out[0].timings == {"coarse_s": 1.5, "decode_s": 0.25, "zoom_s": 2.0}
+    assert out[0].visual_tokens == 16 + 32 + 30
+
+
+def test_sure_answers_are_kept(tiny_model_dir):
+    plain = QZoomEngine(engine_config(tiny_model_dir))
+    esc = QZoomEngine(
+        engine_config(tiny_model_dir, escalation={"below_logprob": -1e9, "to_budget": {16: 32}}), loaded=plain.loaded
+    )
+    a, b = plain.generate(records(16)), esc.generate(records(16))
+    assert [(r.answer, r.escalated, r.visual_tokens) for r in a] == [(r.answer, r.escalated, r.visual_tokens) for r in b]
+
+
+def test_escalation_config_is_checked():
+    with pytest.raises(ValidationError, match="larger budget"):
+        EngineConfig.model_validate({"escalation": {"below_logprob": -0.5, "to_budget": {256: 128}}})
+    with pytest.raises(ValidationError):
+        EngineConfig.model_validate({"escalation": {"below_logprob": 0.5, "to_budget": {128: 256}}})
+
+
+def test_batch_job_and_endpoint_refuse_escalation():
+    from qzoom_ray.pipeline.config import BatchJobConfig
+    from qzoom_ray.serve.config import ServeArgs
+
+    engine = {"escalation": {"below_logprob": -0.5, "to_budget": {128: 256}}}
+    with pytest.raises(ValidationError, match="in-process only"):
+        BatchJobConfig.model_validate({"engine": engine})
+    with pytest.raises(ValidationError, match="in-process only"):
+        ServeArgs.model_validate({"engine": engine})
