@@ -187,6 +187,15 @@ class EscalationConfig(StrictModel):
         return self
 
 
+def refuse_escalation(engine: EngineConfig, where: str) -> None:
+    """For the distributed paths, which run the engine's steps on separate pools and cannot re-run a record."""
+    if engine.escalation is not None:
+        raise ValueError(
+            "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
+            f"(engine.generate, jobs/evaluate.py); {where} does not support it yet"
+        )
+
+
 class EngineConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     zoom: ZoomConfig = Field(default_factory=ZoomConfig)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qzoom_ray.config import EngineConfig, StrictModel
+from qzoom_ray.config import EngineConfig, StrictModel, refuse_escalation
 
 
 class StorageConfig(StrictModel):
@@ -135,11 +135,7 @@ class BatchJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _no_escalation(self) -> BatchJobConfig:
-        if self.engine.escalation is not None:
-            raise ValueError(
-                "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
-                "(engine.generate, jobs/evaluate.py); the batch job does not support it yet"
-            )
+        refuse_escalation(self.engine, "the batch job")
         return self
 
     def result_fingerprint(self) -> str:

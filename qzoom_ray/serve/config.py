@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from qzoom_ray.config import EngineConfig, StrictModel
+from qzoom_ray.config import EngineConfig, StrictModel, refuse_escalation
 
 MiB = 1024 * 1024
 
@@ -168,11 +168,7 @@ class ServeArgs(StrictModel):
 
     @model_validator(mode="after")
     def _no_escalation(self) -> ServeArgs:
-        if self.engine.escalation is not None:
-            raise ValueError(
-                "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
-                "(engine.generate, jobs/evaluate.py); the endpoint does not support it yet"
-            )
+        refuse_escalation(self.engine, "the endpoint")
         return self
 
     def engine_for_serving(self) -> EngineConfig:
