@@ -172,7 +172,10 @@ def pareto_plot(rows: Sequence[dict[str, Any]], t: dict[str, Any], path: Path, t
         xs, ys = [_rate(r, basis) for r in pts], [r["accuracy"] for r in pts]
         ax.plot(xs, ys, marker=marker, color=colour, label="Q-Zoom" if method == QZOOM else "Baseline")
         for r, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"Max-{r['budget']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+            label = f"Max-{r['budget']}"
+            if r.get("escalation_rate"):
+                label += f", {r['escalation_rate']:.0%} re-answered"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
     # The evidence-box rows skip the coarse pass, so their speed is not comparable: a level, not a point.
     for r in sorted((r for r in rows if r["method"] == ORACLE), key=lambda r: r["budget"]):
         ax.axhline(r["accuracy"], color="tab:gray", linestyle=":", linewidth=1)

@@ -155,7 +155,7 @@ def test_oracle_rows_run_without_a_qzoom_ladder(tiny_model_dir, synth_parquet):
     assert all(p["zoomed"] for p in runs[-1].predictions)
 
 
-def test_escalation_applies_to_qzoom_rows_only(tiny_model_dir, synth_parquet):
+def test_escalation_applies_to_qzoom_rows_only(tiny_model_dir, synth_parquet, tmp_path):
     rows = load_labelled(synth_parquet)
     cfg = engine_config(
         tiny_model_dir, generation={"max_new_tokens": 2}, escalation={"below_logprob": 0.0, "to_budget": {16: 32}}
@@ -167,3 +167,5 @@ def test_escalation_applies_to_qzoom_rows_only(tiny_model_dir, synth_parquet):
     row = summarise(runs["qzoom"])
     assert row["escalation_rate"] == 1.0 and "escalation_rate" not in summarise(runs["baseline"])
     assert "escalation_rate" in markdown_table([summarise(runs["baseline"]), row])
+    report = write_report(list(runs.values()), settings, tmp_path)
+    assert "escalation_rate" in report["markdown"] and (tmp_path / "pareto.png").stat().st_size > 0
