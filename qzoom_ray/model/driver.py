@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, ZoomRequest
 
@@ -52,9 +52,9 @@ def _internal_error(item, exc: Exception) -> EngineResult:
 def run_records(
     engine: QZoomEngine, records: Sequence[EngineRecord], return_logits: bool = False
 ) -> list[EngineResult]:
-    results = _run_once(engine, records, return_logits)
+    results, decoded = _run_once(engine, records, return_logits)
     if engine.config.escalation is not None:
-        results = _escalate(engine, records, results, return_logits)
+        results = _escalate(engine, records, results, decoded, return_logits)
     return results
 
 
@@ -68,9 +68,16 @@ def escalation_budget(engine: QZoomEngine, record: EngineRecord) -> int | None:
 
 
 def _escalate(
-    engine: QZoomEngine, records: Sequence[EngineRecord], results: list[EngineResult], return_logits: bool
+    engine: QZoomEngine,
+    records: Sequence[EngineRecord],
+    results: list[EngineResult],
+    decoded: dict[int, Any],
+    return_logits: bool,
 ) -> list[EngineResult]:
-    """Re-answer the unsure records at their larger budget; what the first answers cost stays on the record."""
+    """Re-answer the unsure records at their larger budget; what the first answers cost stays on the record.
+
+    ``decoded``: the first pass's decoded images by record index, so a retry does not decode them again.
+    """
     esc = engine.config.escalation
     assert esc is not None
     px = engine.adapter.token_px**2
@@ -80,7 +87,7 @@ def _escalate(
         lp = res.answer_logprob
         if res.error is None and lp is not None and lp < esc.below_logprob and budget is not None:
             todo.append(i)
-            again.append(dataclasses.replace(rec, max_pixels=budget * px))
+            again.append(dataclasses.replace(rec, image=decoded.get(i, rec.image), max_pixels=budget * px))
     if not todo:
         return results
     # run_records, not _run_once: a chain (128 -> 256 -> 576) escalates again where it is configured.
@@ -102,7 +109,8 @@ def _escalate(
 
 def _run_once(
     engine: QZoomEngine, records: Sequence[EngineRecord], return_logits: bool = False
-) -> list[EngineResult]:
+) -> tuple[list[EngineResult], dict[int, Any]]:
+    """Results in input order, and the decoded image of every record that got past ``prepare``."""
     results: dict[int, EngineResult] = {}
     prepared: list[tuple[int, PreparedRecord]] = []
     for i, rec in enumerate(records):
@@ -149,4 +157,5 @@ def _run_once(
             pending = pending[size:]
     if pending:
         run_zoom(pending)
-    return [results[i] for i in range(len(records))]
+    decoded = {i: p.image for i, p in prepared if p.image is not None}
+    return [results[i] for i in range(len(records))], decoded

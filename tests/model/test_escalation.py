@@ -47,6 +47,18 @@ def test_unsure_answers_are_answered_again_at_the_larger_budget(tiny_model_dir):
     assert not got[4].escalated and got[4].answer == first[4].answer  # Max-24 has no escalation entry
 
 
+def test_a_retry_reuses_the_decoded_image(tiny_model_dir, monkeypatch):
+    from qzoom_ray.model import preprocess
+
+    engine = QZoomEngine(engine_config(tiny_model_dir, escalation={"below_logprob": 0.0, "to_budget": {16: 32}}))
+    sources = []
+    real = preprocess.load_image
+    monkeypatch.setattr(preprocess, "load_image", lambda src, **kw: sources.append(type(src).__name__) or real(src, **kw))
+    got = engine.generate(records(16)[:3])
+    assert all(r.escalated for r in got)
+    assert sources.count("bytes") == 3 and len(sources) == 6  # the Max-32 pass gets the decoded images
+
+
 def test_both_passes_costs_are_summed(tiny_model_dir, monkeypatch):
     from qzoom_ray.model import driver
     from qzoom_ray.model.state import EngineResult
@@ -63,7 +75,7 @@ def test_both_passes_costs_are_summed(tiny_model_dir, monkeypatch):
                          token_logprobs=[-0.2], timings={"coarse_s": 1.0, "zoom_s": 2.0})
     seen = []
     monkeypatch.setattr(driver, "run_records", lambda eng, rs, logits: seen.extend(rs) or [again])
-    out = driver._escalate(engine, recs, first, False)
+    out = driver._escalate(engine, recs, first, {}, False)
     assert [r.max_pixels for r in seen] == [32 * PX]  # only r0 is unsure (-2.1 < -0.5)
     assert out[1] is first[1]
     assert out[0].answer == "9" and out[0].escalated and out[0].route == "zoom"
