@@ -165,8 +165,8 @@ class EscalationConfig(StrictModel):
 
     The answer's log-probability ranks right answers above wrong ones well (docs/batch-job.md), so a
     cheap budget for the sure majority plus a larger one for the unsure rest can match the larger
-    budget's accuracy at a fraction of its cost. In-process only (``engine.generate``, the evaluation
-    and calibration jobs); the batch job and the endpoint refuse a config that sets it.
+    budget's accuracy at a fraction of its cost. The in-process engine, the batch job's last model stage
+    and the endpoint's ingress all apply it, with the one rule in ``model.driver``.
     """
 
     below_logprob: float = Field(
@@ -187,15 +187,6 @@ class EscalationConfig(StrictModel):
         return self
 
 
-def refuse_escalation(engine: EngineConfig, where: str) -> None:
-    """For the distributed paths, which run the engine's steps on separate pools and cannot re-run a record."""
-    if engine.escalation is not None:
-        raise ValueError(
-            "engine.escalation (re-answering unsure answers at a larger budget) runs in-process only "
-            f"(engine.generate, jobs/evaluate.py); {where} does not support it yet"
-        )
-
-
 class EngineConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     zoom: ZoomConfig = Field(default_factory=ZoomConfig)
@@ -208,5 +199,5 @@ class EngineConfig(StrictModel):
     max_question_chars: int = Field(8192, gt=0, description="Longer questions are rejected per record.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads on CPU; None keeps torch's.")
     escalation: EscalationConfig | None = Field(
-        None, description="Beyond the paper: re-answer unsure answers at a larger budget (in-process only)."
+        None, description="Beyond the paper: re-answer unsure answers at a larger budget."
     )

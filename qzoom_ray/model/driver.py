@@ -67,6 +67,44 @@ def escalation_budget(engine: QZoomEngine, record: EngineRecord) -> int | None:
     return esc.to_budget.get(round((record.max_pixels or engine.config.zoom.max_pixels) / px))
 
 
+def is_unsure(engine: QZoomEngine, error: str | None, answer_logprob: float | None) -> bool:
+    """An answer the escalation config re-answers: no error, and a log-probability below its threshold."""
+    esc = engine.config.escalation
+    return esc is not None and error is None and answer_logprob is not None and answer_logprob < esc.below_logprob
+
+
+def escalated_record(engine: QZoomEngine, record: EngineRecord, result: EngineResult) -> EngineRecord | None:
+    """The record to answer again (same record at the larger budget), or None where the answer stands.
+
+    The one rule the in-process driver, the batch job's stages and the endpoint share.
+    """
+    budget = escalation_budget(engine, record)
+    if budget is None or not is_unsure(engine, result.error, result.answer_logprob):
+        return None
+    return dataclasses.replace(record, max_pixels=budget * engine.adapter.token_px**2)
+
+
+def summed_timings(*timings: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t in timings:
+        for key, value in t.items():
+            if value is not None:
+                out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def merge_escalated(first: EngineResult, second: EngineResult) -> EngineResult:
+    """The retry's answer, carrying what the first answers cost; a failed retry keeps the first answer."""
+    if second.error is not None:
+        return first
+    return dataclasses.replace(
+        second,
+        escalated=True,
+        escalated_visual_tokens=first.visual_tokens + second.escalated_visual_tokens,
+        timings=summed_timings(first.timings, second.timings),
+    )
+
+
 def _escalate(
     engine: QZoomEngine,
     records: Sequence[EngineRecord],
@@ -78,32 +116,19 @@ def _escalate(
 
     ``decoded``: the first pass's decoded images by record index, so a retry does not decode them again.
     """
-    esc = engine.config.escalation
-    assert esc is not None
-    px = engine.adapter.token_px**2
     todo, again = [], []
     for i, (rec, res) in enumerate(zip(records, results, strict=True)):
-        budget = escalation_budget(engine, rec)
-        lp = res.answer_logprob
-        if res.error is None and lp is not None and lp < esc.below_logprob and budget is not None:
+        retry = escalated_record(engine, rec, res)
+        if retry is not None:
             todo.append(i)
-            again.append(dataclasses.replace(rec, image=decoded.get(i, rec.image), max_pixels=budget * px))
+            again.append(dataclasses.replace(retry, image=decoded.get(i, rec.image)))
     if not todo:
         return results
     # run_records, not _run_once: a chain (128 -> 256 -> 576) escalates again where it is configured.
     second = run_records(engine, again, return_logits)
     out = list(results)
     for i, res in zip(todo, second, strict=True):
-        first = results[i]
-        if res.error is not None:  # keep the first answer rather than lose the record to the retry
-            continue
-        timings = dict(first.timings)
-        for key, value in res.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-        out[i] = dataclasses.replace(
-            res, escalated=True, escalated_visual_tokens=first.visual_tokens + res.escalated_visual_tokens,
-            timings=timings,
-        )
+        out[i] = merge_escalated(results[i], res)
     return out
 
 

@@ -144,6 +144,8 @@ def result_to_row(res: EngineResult) -> dict[str, Any]:
         "roi_visual_tokens": res.roi_visual_tokens,
         "output_tokens": res.output_tokens,
         "answer_logprob": res.answer_logprob,
+        "escalated": res.escalated,
+        "escalated_visual_tokens": res.escalated_visual_tokens,
         "coarse_s": t.get("coarse_s"),
         "zoom_s": t.get("zoom_s"),
         "decode_s": t.get("decode_s"),

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qzoom_ray.config import EngineConfig, StrictModel, refuse_escalation
+from qzoom_ray.config import EngineConfig, StrictModel
 
 
 class StorageConfig(StrictModel):
@@ -132,11 +132,6 @@ class BatchJobConfig(StrictModel):
     ray_address: str | None = Field(
         None, description="Ray cluster to join. None: RAY_ADDRESS if set (ray job submit), else a new local Ray."
     )
-
-    @model_validator(mode="after")
-    def _no_escalation(self) -> BatchJobConfig:
-        refuse_escalation(self.engine, "the batch job")
-        return self
 
     def result_fingerprint(self) -> str:
         """Hash of what decides the answers (engine config and input): guards a resume into old output.

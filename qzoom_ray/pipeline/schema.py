@@ -32,6 +32,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("full_res_visual_tokens", pa.int32()),
         pa.field("output_tokens", pa.int32()),
         pa.field("answer_logprob", pa.float64()),
+        pa.field("escalated", pa.bool_()),
+        pa.field("escalated_visual_tokens", pa.int32()),
         pa.field("prep_s", pa.float64()),
         pa.field("coarse_s", pa.float64()),
         pa.field("crop_s", pa.float64()),

@@ -13,7 +13,8 @@ from qzoom_ray.pipeline import schema as S
 from qzoom_ray.pipeline.io import OutputDir
 
 SUMMARY_FILE = "_qzoom_summary.json"
-_COLUMNS = [S.ID, "zoomed", S.ERROR, "coarse_visual_tokens", "roi_visual_tokens", "full_res_visual_tokens"]
+_COLUMNS = [S.ID, "zoomed", "escalated", S.ERROR, "coarse_visual_tokens", "roi_visual_tokens",
+            "escalated_visual_tokens", "full_res_visual_tokens"]
 
 
 @dataclass
@@ -24,9 +25,10 @@ class JobSummary:
     zoomed: int
     errors: int
     zoom_rate: float  # zoomed / records answered without error
+    escalated: int  # answered again at a larger budget (engine.escalation)
     wall_s: float  # this run, pipeline start to last file written
     records_per_s: float  # this run
-    visual_tokens: int  # coarse + RoI tokens actually spent
+    visual_tokens: int  # coarse + RoI tokens actually spent, escalated records' discarded answers included
     full_res_visual_tokens: int  # what the same images would cost at full resolution
     top_errors: list[tuple[str, int]]
 
@@ -36,6 +38,7 @@ class JobSummary:
             f"records      {self.records} ({self.unique_ids} unique ids, {self.records_this_run} this run)",
             f"zoomed       {self.zoomed} ({self.zoom_rate:.1%} of answered records)",
             f"errors       {self.errors}",
+            *([f"escalated    {self.escalated} (answered again at a larger budget)"] if self.escalated else []),
             f"throughput   {self.records_per_s:.2f} records/s ({self.wall_s:.1f} s this run)",
             f"visual tok.  {self.visual_tokens} spent vs {self.full_res_visual_tokens} at full resolution "
             f"({ratio:.1%})",
@@ -48,9 +51,16 @@ def read_output(out: OutputDir) -> pa.Table:
     tables = []
     for path in out.parquet_files():
         with out.open(path) as fh:
-            tables.append(pq.ParquetFile(fh).read(columns=_COLUMNS))
+            f = pq.ParquetFile(fh)
+            # Files written before a column existed (a resumed older output) read as nulls there.
+            present = [c for c in _COLUMNS if c in f.schema_arrow.names]
+            t = f.read(columns=present)
+        for c in _COLUMNS:
+            if c not in present:
+                t = t.append_column(c, pa.nulls(t.num_rows, S.COLUMN_TYPES[c]))
+        tables.append(t.select(_COLUMNS))
     if not tables:
-        return pa.table({c: pa.array([], pa.string() if c in (S.ID, S.ERROR) else pa.int32()) for c in _COLUMNS})
+        return pa.table({c: pa.array([], S.COLUMN_TYPES[c]) for c in _COLUMNS})
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -75,9 +85,10 @@ def summarise(table: pa.Table, records_this_run: int, wall_s: float) -> JobSumma
         zoomed=zoomed,
         errors=errors,
         zoom_rate=zoomed / answered if answered else 0.0,
+        escalated=int(pc.sum(pc.fill_null(table.column("escalated"), False)).as_py() or 0),
         wall_s=wall_s,
         records_per_s=records_this_run / wall_s if wall_s > 0 else 0.0,
-        visual_tokens=total("coarse_visual_tokens") + total("roi_visual_tokens"),
+        visual_tokens=total("coarse_visual_tokens") + total("roi_visual_tokens") + total("escalated_visual_tokens"),
         full_res_visual_tokens=total("full_res_visual_tokens"),
         top_errors=sorted(counts.items(), key=lambda kv: -kv[1])[:5],
     )

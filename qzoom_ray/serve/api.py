@@ -135,6 +135,10 @@ class QZoomInfo(BaseModel):
     answer_logprob: float | None = Field(
         None, description="Log-probability of the whole answer (sum over its tokens): a confidence to triage by."
     )
+    escalated: bool = Field(
+        False, description="The answer comes from a re-run at a larger budget (the first answer was unsure)."
+    )
+    escalated_visual_tokens: int = Field(0, description="Visual tokens the discarded earlier answers spent.")
     timings: dict[str, float]
 
 
@@ -175,6 +179,8 @@ def completion_from_result(
             roi_visual_tokens=result.roi_visual_tokens,
             output_tokens=result.output_tokens,
             answer_logprob=result.answer_logprob,
+            escalated=result.escalated,
+            escalated_visual_tokens=result.escalated_visual_tokens,
             timings={k: round(v, 6) for k, v in result.timings.items()},
         ),
     )

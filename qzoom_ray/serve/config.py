@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from qzoom_ray.config import EngineConfig, StrictModel, refuse_escalation
+from qzoom_ray.config import EngineConfig, StrictModel
 
 MiB = 1024 * 1024
 
@@ -165,11 +165,6 @@ class ServeArgs(StrictModel):
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
     coarse: DeploymentOptions = Field(default_factory=DeploymentOptions)
     zoom: DeploymentOptions = Field(default_factory=_zoom_defaults)
-
-    @model_validator(mode="after")
-    def _no_escalation(self) -> ServeArgs:
-        refuse_escalation(self.engine, "the endpoint")
-        return self
 
     def engine_for_serving(self) -> EngineConfig:
         """The engine config with the request limits folded in, so both layers enforce the tighter one."""

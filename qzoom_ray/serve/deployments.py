@@ -95,10 +95,11 @@ class CoarseServer(_ModelServer):
 
         live = self.live  # one snapshot per batch, so a concurrent reconfigure cannot split a batch
         outcomes: list[Outcome | None] = [None] * len(jobs)
-        preps, where = [], []
+        preps, where, escalate_to = [], [], []
         for i, job in enumerate(jobs):
             try:
-                out = self.engine.prepare(handoff.engine_record(job, live))
+                record = handoff.engine_record(job, live)
+                out = self.engine.prepare(record)
             except Exception as exc:
                 outcomes[i] = _failed(job.id, exc)
                 continue
@@ -107,18 +108,20 @@ class CoarseServer(_ModelServer):
             else:
                 preps.append(out)
                 where.append(i)
+                escalate_to.append(handoff.escalate_max_pixels(self.engine, record))
         if preps:
             results = _isolated(
                 lambda b: self.engine.coarse(b, keep_prefix=self.reuse_prefix),
                 preps,
                 lambda p, exc: _failed(p.record.id, exc),
             )
-            for i, prep, res in zip(where, preps, results, strict=True):
+            for i, prep, res, esc in zip(where, preps, results, escalate_to, strict=True):
                 if isinstance(res, Outcome):
                     outcomes[i] = res
                 elif isinstance(res, ZoomRequest):
                     outcomes[i] = Outcome(
-                        handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens
+                        handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens,
+                        escalate_max_pixels=esc,
                     )
                 else:
                     outcomes[i] = Outcome(
@@ -126,6 +129,7 @@ class CoarseServer(_ModelServer):
                         result=handoff.compact_result(res),
                         prompt_tokens=handoff.prompt_tokens_of(prep),
                         max_new_tokens=prep.max_new_tokens,
+                        escalate_max_pixels=esc,
                     )
         return outcomes  # type: ignore[return-value]
 
@@ -263,11 +267,7 @@ class QZoomIngress:
             gate_thresh=opts.gate_thresh if opts else None,
             roi_thresh=opts.roi_thresh if opts else None,
         )
-        outcome = await self._call(self.coarse, job, args.coarse.retry_after_s)
-        if outcome.kind == handoff.ZOOM:
-            budget = outcome.max_new_tokens
-            outcome = await self._call(self.zoom, outcome.zoom, args.zoom.retry_after_s)
-            outcome.max_new_tokens = outcome.max_new_tokens or budget
+        outcome = await handoff.answer_with_escalation(job, self._answer_once, args.engine.escalation)
         if outcome.kind == handoff.REJECTED:
             # The engine's own checks failed (decode, aspect ratio, size for the processor, question).
             raise ApiError(
@@ -279,6 +279,17 @@ class QZoomIngress:
             outcome.result, args.model_name, outcome.prompt_tokens, outcome.max_new_tokens
         )
         return JSONResponse(completion.model_dump(mode="json"))
+
+    async def _answer_once(self, job: CoarseJob) -> Outcome:
+        """The coarse replica, then the zoom replica for a gated request."""
+        args = self.args
+        outcome = await self._call(self.coarse, job, args.coarse.retry_after_s)
+        if outcome.kind == handoff.ZOOM:
+            budget, escalate_to = outcome.max_new_tokens, outcome.escalate_max_pixels
+            outcome = await self._call(self.zoom, outcome.zoom, args.zoom.retry_after_s)
+            outcome.max_new_tokens = outcome.max_new_tokens or budget
+            outcome.escalate_max_pixels = escalate_to
+        return outcome
 
     @staticmethod
     async def _call(handle: DeploymentHandle, item: Any, retry_after_s: float) -> Outcome:

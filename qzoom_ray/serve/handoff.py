@@ -6,11 +6,13 @@ Plain dataclasses, no Ray: the deployments are thin adapters around these functi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from qzoom_ray.config import EscalationConfig
 from qzoom_ray.model.state import EngineRecord, EngineResult, PrefixState, ZoomRequest
 from qzoom_ray.serve.config import LiveConfig
 
@@ -28,6 +30,8 @@ class CoarseJob:
     max_new_tokens: int | None = None
     gate_thresh: float | None = None
     roi_thresh: float | None = None
+    #: Set on an escalated retry (``EngineConfig.escalation``): the larger global-view budget to answer at.
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -37,6 +41,9 @@ class Outcome:
     zoom: ZoomRequest | None = None
     prompt_tokens: int = 0
     max_new_tokens: int = 0
+    #: Set by the coarse replica when escalation is configured for the request's budget: the budget
+    #: (max_pixels) to answer again at if the final answer turns out unsure.
+    escalate_max_pixels: int | None = None
 
 
 def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
@@ -48,11 +55,51 @@ def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
         image=job.image,
         question=job.question,
         min_pixels=live.min_pixels,
-        max_pixels=live.max_pixels,
+        max_pixels=job.max_pixels or live.max_pixels,
         gate_thresh=job.gate_thresh if job.gate_thresh is not None else live.gate_thresh,
         roi_thresh=job.roi_thresh if job.roi_thresh is not None else live.roi_thresh,
         max_new_tokens=job.max_new_tokens or live.max_new_tokens,
     )
+
+
+def escalate_max_pixels(engine, record: EngineRecord) -> int | None:
+    """The budget (max_pixels) this request is re-answered at when unsure; None where none is configured."""
+    from qzoom_ray.model.driver import escalation_budget
+
+    budget = escalation_budget(engine, record)
+    return None if budget is None else budget * engine.adapter.token_px**2
+
+
+async def answer_with_escalation(
+    job: CoarseJob,
+    answer_once: Callable[[CoarseJob], Awaitable[Outcome]],
+    escalation: EscalationConfig | None,
+) -> Outcome:
+    """Answer ``job``; while the answer is unsure and a larger budget is configured, answer it again there.
+
+    ``answer_once`` runs the coarse (and, when gated, zoom) replicas for one job. The retry keeps the
+    first answer if it fails, and the returned result carries what the earlier answers cost: visual
+    tokens, timings and prompt tokens.
+    """
+    outcome = await answer_once(job)
+    while (
+        escalation is not None
+        and outcome.kind == DONE
+        and outcome.escalate_max_pixels is not None
+        and outcome.result is not None
+        and outcome.result.error is None
+        and outcome.result.answer_logprob is not None
+        and outcome.result.answer_logprob < escalation.below_logprob
+    ):
+        from qzoom_ray.model.driver import merge_escalated
+
+        again = await answer_once(dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels))
+        if again.kind != DONE or again.result is None:
+            break  # keep the answer we have rather than lose the request to its retry
+        again.result = merge_escalated(outcome.result, again.result)
+        again.prompt_tokens += outcome.prompt_tokens
+        outcome = again
+    return outcome
 
 
 def prefix_to(prefix: PrefixState | None, device: torch.device | str) -> PrefixState | None:

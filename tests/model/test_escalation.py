@@ -97,14 +97,3 @@ def test_escalation_config_is_checked():
         EngineConfig.model_validate({"escalation": {"below_logprob": -0.5, "to_budget": {256: 128}}})
     with pytest.raises(ValidationError):
         EngineConfig.model_validate({"escalation": {"below_logprob": 0.5, "to_budget": {128: 256}}})
-
-
-def test_batch_job_and_endpoint_refuse_escalation():
-    from qzoom_ray.pipeline.config import BatchJobConfig
-    from qzoom_ray.serve.config import ServeArgs
-
-    engine = {"escalation": {"below_logprob": -0.5, "to_budget": {128: 256}}}
-    with pytest.raises(ValidationError, match="in-process only"):
-        BatchJobConfig.model_validate({"engine": engine})
-    with pytest.raises(ValidationError, match="in-process only"):
-        ServeArgs.model_validate({"engine": engine})

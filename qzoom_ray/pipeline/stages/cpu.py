@@ -154,6 +154,8 @@ class CropPrep:
     def __init__(self, engine_config: dict, torch_threads: int | None = None):
         set_torch_threads(torch_threads)
         self.ctx = ProcessorContext(EngineConfig.model_validate(engine_config))
+        # With escalation the zoom stage may answer a row again from its image: the bytes travel on.
+        self.drop_bytes = self.ctx.config.escalation is None
 
     def crop_row(self, row: dict[str, Any]) -> dict[str, Any]:
         from qzoom_ray.images import load_image
@@ -170,12 +172,13 @@ class CropPrep:
             logger.exception("crop failed for %s", row.get(S.ID))
             return {"route": "error", S.ERROR: f"internal error in crop: {type(exc).__name__}: {exc}",
                     S.NEEDS_ZOOM: False, S.IMAGE_BYTES: None, S.PREFIX_STATE: None, S.PIXELS: None}
-        return {**codec.roi_to_row(roi), S.IMAGE_BYTES: None}
+        return {**codec.roi_to_row(roi), **({S.IMAGE_BYTES: None} if self.drop_bytes else {})}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         cols = (S.ID, S.QUESTION, S.IMAGE_BYTES, S.NEEDS_ZOOM, S.BOX_GRID, "roi_box_px", "gate_score", "coarse_s",
                 S.GRID, S.INPUT_IDS, S.IMAGE_START, S.MIN_PIXELS, S.MAX_PIXELS, S.GATE_THRESH, S.ROI_THRESH,
                 S.MAX_NEW_TOKENS, "image_width", "image_height", "prep_s")
         # Only gated rows do work; the bytes of every other row are dropped here, they are no longer needed.
-        updates = [self.crop_row(r) if r.get(S.NEEDS_ZOOM) else {S.IMAGE_BYTES: None} for r in rows_of(table, cols)]
+        spent = {S.IMAGE_BYTES: None} if self.drop_bytes else None
+        updates = [self.crop_row(r) if r.get(S.NEEDS_ZOOM) else spent for r in rows_of(table, cols)]
         return apply_updates(table, updates)

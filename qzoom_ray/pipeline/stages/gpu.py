@@ -15,6 +15,7 @@ import pyarrow as pa
 from qzoom_ray.config import EngineConfig
 from qzoom_ray.pipeline import codec
 from qzoom_ray.pipeline import schema as S
+from qzoom_ray.pipeline.stages import escalate
 from qzoom_ray.pipeline.stages.common import (
     apply_updates,
     device_tag,
@@ -34,6 +35,8 @@ ZOOM_COLUMNS = (*PREPARED_COLUMNS, S.NEEDS_ZOOM, S.BOX_GRID, "roi_box_px", "gate
                 S.PREFIX_STATE, S.ROI_PIXELS, S.ROI_GRID, "crop_s")
 #: Internal columns a finished row no longer needs (nulled to keep later blocks small).
 _SPENT = {S.PIXELS: None, S.INPUT_IDS: None, S.PREFIX_STATE: None, S.ROI_PIXELS: None, S.IMAGE_BYTES: None}
+#: The same, for a row that may still be answered again (escalation): its image bytes travel on.
+_SPENT_BUT_BYTES = {k: v for k, v in _SPENT.items() if k != S.IMAGE_BYTES}
 
 
 class _EngineStage:
@@ -53,6 +56,14 @@ class _EngineStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         out = self.process(table)
         return finalize_table(out, **self.finalize) if self.finalize else out
+
+    def escalate_and_free(self, table: pa.Table) -> pa.Table:
+        """The last model stage: re-answer unsure rows (``EngineConfig.escalation``), then drop all image bytes."""
+        table = escalate.escalate_table(self.engine, table, self.device)
+        if S.IMAGE_BYTES in table.column_names:
+            i = table.column_names.index(S.IMAGE_BYTES)
+            table = table.set_column(i, S.IMAGE_BYTES, pa.nulls(table.num_rows, S.COLUMN_TYPES[S.IMAGE_BYTES]))
+        return table
 
     def _run(self, fn, items: list, on_error) -> list:
         """``fn`` over micro-batches of ``max_batch_size``, isolating failures per record."""
@@ -96,7 +107,7 @@ class CoarsePass(_EngineStage):
     def process(self, table: pa.Table) -> pa.Table:
         from qzoom_ray.model.state import ZoomRequest
 
-        rows = rows_of(table, PREPARED_COLUMNS)
+        rows = rows_of(table, (*PREPARED_COLUMNS, *S.OVERRIDE_COLUMNS))
         outs = self.coarse_updates(rows, keep_prefix=self.transfer_kv)
         updates: list[dict[str, Any] | None] = [None] * len(rows)
         for i, out in outs.items():
@@ -105,7 +116,8 @@ class CoarsePass(_EngineStage):
                 if self.transfer_kv:  # the global ViT features travel in the prefix state
                     u[S.PIXELS] = None
             else:
-                u = {**codec.result_to_row(out), **_SPENT}
+                unsure = escalate.retry_record(self.engine, rows[i], out.error, out.answer_logprob) is not None
+                u = {**codec.result_to_row(out), **(_SPENT_BUT_BYTES if unsure else _SPENT)}
             updates[i] = {**u, "coarse_device": self.device}
         return apply_updates(table, updates)
 
@@ -137,8 +149,9 @@ class ZoomPass(_EngineStage):
         )
         updates: list[dict[str, Any] | None] = [None] * len(rows)
         for (i, _), res in zip(todo, outs, strict=True):
-            updates[i] = {**codec.result_to_row(res), **_SPENT, S.NEEDS_ZOOM: False, "zoom_device": self.device}
-        return apply_updates(table, updates)
+            updates[i] = {**codec.result_to_row(res), **_SPENT_BUT_BYTES, S.NEEDS_ZOOM: False,
+                          "zoom_device": self.device}
+        return self.escalate_and_free(apply_updates(table, updates))
 
 
 class CoarseZoomPass(CoarsePass):
@@ -158,7 +171,7 @@ class CoarseZoomPass(CoarsePass):
         cfg = self.engine.config
         for i, out in outs.items():
             if not isinstance(out, ZoomRequest):
-                updates[i] = {**codec.result_to_row(out), **_SPENT, "coarse_device": self.device}
+                updates[i] = {**codec.result_to_row(out), **_SPENT_BUT_BYTES, "coarse_device": self.device}
                 continue
             try:
                 image = load_image(rows[i][S.IMAGE_BYTES], max_pixels=cfg.max_image_pixels,
@@ -175,5 +188,5 @@ class CoarseZoomPass(CoarsePass):
         for (i, (req, roi)), res in zip(items, results, strict=True):
             u = codec.result_to_row(res)
             u.update(coarse_s=req.coarse_s, crop_s=roi.prep_s, coarse_device=self.device, zoom_device=self.device)
-            updates[i] = {**u, **_SPENT}
-        return apply_updates(table, updates)
+            updates[i] = {**u, **_SPENT_BUT_BYTES}
+        return self.escalate_and_free(apply_updates(table, updates))

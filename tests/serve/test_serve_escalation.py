@@ -1,0 +1,79 @@
+"""Escalation at the endpoint: the ingress answers an unsure request again at the larger budget."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import engine_config
+
+from qzoom_ray.config import EscalationConfig
+from qzoom_ray.model.state import EngineRecord, EngineResult
+from qzoom_ray.serve import handoff
+from qzoom_ray.serve.api import completion_from_result
+from qzoom_ray.serve.config import LiveConfig
+from qzoom_ray.serve.handoff import DONE, FAILED, CoarseJob, Outcome
+
+PX = 28 * 28
+ESC = EscalationConfig(below_logprob=-0.5, to_budget={16: 32, 32: 64})
+
+
+def done(answer: str, logprob: float, tokens: int, escalate_to: int | None) -> Outcome:
+    res = EngineResult("j", answer=answer, route="direct", coarse_visual_tokens=tokens,
+                       token_logprobs=[logprob], timings={"coarse_s": 1.0})
+    return Outcome(DONE, result=res, prompt_tokens=tokens + 10, max_new_tokens=8, escalate_max_pixels=escalate_to)
+
+
+def run(job: CoarseJob, outcomes: list[Outcome], escalation=ESC) -> tuple[Outcome, list[CoarseJob]]:
+    seen: list[CoarseJob] = []
+
+    async def answer_once(j: CoarseJob) -> Outcome:
+        seen.append(j)
+        return outcomes[len(seen) - 1]
+
+    return asyncio.run(handoff.answer_with_escalation(job, answer_once, escalation)), seen
+
+
+def test_unsure_answer_is_answered_again_and_carries_both_costs():
+    job = CoarseJob("j", b"img", "q?")
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), done("9", -0.1, 32, 64 * PX)])
+    assert [j.max_pixels for j in seen] == [None, 32 * PX]
+    assert out.result.answer == "9" and out.result.escalated
+    assert out.result.escalated_visual_tokens == 16 and out.result.visual_tokens == 48
+    assert out.result.timings == {"coarse_s": 2.0} and out.prompt_tokens == 26 + 42
+
+
+def test_chains_follow_and_stop_where_no_budget_is_configured():
+    job = CoarseJob("j", b"img", "q?")
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), done("8", -2.0, 32, 64 * PX), done("9", -3.0, 64, None)])
+    assert [j.max_pixels for j in seen] == [None, 32 * PX, 64 * PX]
+    assert out.result.answer == "9" and out.result.escalated_visual_tokens == 16 + 32
+
+
+def test_sure_answers_failed_retries_and_no_config_keep_the_first_answer():
+    job = CoarseJob("j", b"img", "q?")
+    out, seen = run(job, [done("7", -0.1, 16, 32 * PX)])
+    assert len(seen) == 1 and not out.result.escalated
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), Outcome(FAILED, result=EngineResult("j", error="boom"))])
+    assert len(seen) == 2 and out.result.answer == "7" and not out.result.escalated
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX)], escalation=None)
+    assert len(seen) == 1 and out.result.answer == "7"
+
+
+def test_retry_budget_reaches_the_engine_record(tiny_model_dir):
+    from qzoom_ray.model.engine import QZoomEngine
+
+    live = LiveConfig(max_pixels=16 * PX)
+    assert handoff.engine_record(CoarseJob("j", b"x", "q"), live).max_pixels == 16 * PX
+    assert handoff.engine_record(CoarseJob("j", b"x", "q", max_pixels=32 * PX), live).max_pixels == 32 * PX
+    engine = QZoomEngine(engine_config(tiny_model_dir, escalation=ESC.model_dump()))
+    at = lambda n: EngineRecord("j", b"x", "q", max_pixels=n * PX)  # noqa: E731
+    assert handoff.escalate_max_pixels(engine, at(16)) == 32 * PX
+    assert handoff.escalate_max_pixels(engine, at(32)) == 64 * PX
+    assert handoff.escalate_max_pixels(engine, at(24)) is None
+
+
+def test_response_says_the_answer_was_escalated():
+    res = EngineResult("j", answer="9", route="zoom", coarse_visual_tokens=32, token_logprobs=[-0.1],
+                       escalated=True, escalated_visual_tokens=16)
+    info = completion_from_result(res, "qzoom", 40, 8).qzoom
+    assert info.escalated and info.escalated_visual_tokens == 16
