@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.data} ({len(rows)} records)"
     if args.baseline_model:
         data = config.model_dump()
-        data["model"].update(path=args.baseline_model, heads_path=None, require_heads=False)
+        data["model"].update(path=args.baseline_model, heads_path=None, require_heads=False, direct_route_path=None)
         baseline_config = type(config).model_validate(data)
         title += f"; baseline: {args.baseline_model}, Q-Zoom: {config.model.path}"
     runs = run_evaluation(rows, config, settings, progress=lambda m: print(m, flush=True),

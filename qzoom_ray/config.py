@@ -81,6 +81,14 @@ class ModelConfig(StrictModel):
         True,
         description="Fail when the checkpoint has no Q-Zoom heads. False lets a stock model run baseline mode.",
     )
+    direct_route_path: str | None = Field(
+        None,
+        description="Beyond the paper: a checkpoint (local dir, hub id or 'embedded:NAME') whose decoder layers, final "
+        "norm and lm_head answer the records the gate sends direct (and fallbacks); the zoom pass keeps the "
+        "checkpoint's own. Point it at the base model stage 2 started from, and a record that is not zoomed gets "
+        "exactly the base model's answer. Its vision tower, embeddings and layers below twig_K must equal the "
+        "checkpoint's (checked at load). Costs one more copy of the decoder in memory. None: one decoder.",
+    )
     linear_patch_embed: bool = Field(
         True,
         description="Run the vision tower's patch Conv3d (kernel == stride) as one matrix product: the same "
@@ -169,8 +177,11 @@ class EscalationConfig(StrictModel):
     and the endpoint's ingress all apply it, with the one rule in ``model.driver``.
     """
 
-    below_logprob: float = Field(
-        ..., le=0.0, description="Answers whose log-probability (sum over tokens) is below this are re-answered."
+    below_logprob: float | dict[int, float] = Field(
+        ...,
+        description="Answers whose log-probability (sum over tokens) is below this are re-answered: one number "
+        "for every step, or one per step keyed by the budget being judged, like to_budget (e.g. {128: -0.3, "
+        "256: -0.5} for the chain 128 -> 256 -> 576).",
     )
     to_budget: dict[int, int] = Field(
         ...,
@@ -184,7 +195,23 @@ class EscalationConfig(StrictModel):
         bad = {k: v for k, v in self.to_budget.items() if v <= k or k < 1}
         if bad:
             raise ValueError(f"escalation must go to a larger budget: {bad}")
+        thresholds = self.below_logprob if isinstance(self.below_logprob, dict) else {0: self.below_logprob}
+        if any(t > 0 for t in thresholds.values()):
+            raise ValueError(f"below_logprob must be <= 0 (a log-probability): {self.below_logprob}")
+        if isinstance(self.below_logprob, dict) and set(self.below_logprob) != set(self.to_budget):
+            raise ValueError(
+                f"below_logprob has thresholds for budgets {sorted(self.below_logprob)}, to_budget has steps from "
+                f"{sorted(self.to_budget)}: give one threshold per step"
+            )
         return self
+
+    def step(self, budget: int) -> tuple[int, float] | None:
+        """(the budget to re-answer at, the threshold below which to do so) for answers at ``budget``."""
+        to = self.to_budget.get(budget)
+        if to is None:
+            return None
+        below = self.below_logprob[budget] if isinstance(self.below_logprob, dict) else self.below_logprob
+        return to, below
 
 
 class EngineConfig(StrictModel):

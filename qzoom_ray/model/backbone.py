@@ -8,6 +8,7 @@ A second backbone (Qwen3-VL) is a new adapter module registered here, not a fork
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,15 @@ class BackboneAdapter(ABC):
     #: Source pixels per LLM visual token side (28 for Qwen2.5-VL, 32 for Qwen3-VL).
     token_px: int
     model: nn.Module
+    #: Another decoder (``layers``, ``norm``, ``lm_head``) this view runs instead of the model's own; see
+    #: ``with_text_stack``. Adapters read it in ``layers``, ``final_norm`` and ``lm_head``.
+    text_stack: nn.Module | None = None
+
+    def with_text_stack(self, stack: nn.Module) -> BackboneAdapter:
+        """A view of the same backbone (vision tower, embeddings, rotary) that decodes with ``stack``."""
+        view = copy.copy(self)
+        view.text_stack = stack
+        return view
 
     @property
     @abstractmethod
@@ -93,6 +103,14 @@ class BackboneAdapter(ABC):
 
         ``sink_scores`` are that record's image-token sink scores in grid order, when the adapter makes them.
         """
+
+    def text_stack_of(self) -> nn.Module:
+        """This model's own decoder as a ``direct_route.TextStack`` (for ``ModelConfig.direct_route_path``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support a direct-route decoder yet")
+
+    def shared_parts(self) -> dict[str, nn.Module]:
+        """Modules a direct-route decoder must share with this model (vision tower, embeddings), by name."""
+        raise NotImplementedError(f"{type(self).__name__} does not support a direct-route decoder yet")
 
     def run_layers(
         self,

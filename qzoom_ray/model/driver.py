@@ -58,19 +58,18 @@ def run_records(
     return results
 
 
-def escalation_budget(engine: QZoomEngine, record: EngineRecord) -> int | None:
-    """The budget (Max-M) this record is re-answered at when unsure, or None."""
+def escalation_step(engine: QZoomEngine, record: EngineRecord) -> tuple[int, float] | None:
+    """(the budget Max-M to re-answer at, the log-probability below which to) for this record, or None."""
     esc = engine.config.escalation
     if esc is None:
         return None
     px = engine.adapter.token_px**2
-    return esc.to_budget.get(round((record.max_pixels or engine.config.zoom.max_pixels) / px))
+    return esc.step(round((record.max_pixels or engine.config.zoom.max_pixels) / px))
 
 
-def is_unsure(engine: QZoomEngine, error: str | None, answer_logprob: float | None) -> bool:
-    """An answer the escalation config re-answers: no error, and a log-probability below its threshold."""
-    esc = engine.config.escalation
-    return esc is not None and error is None and answer_logprob is not None and answer_logprob < esc.below_logprob
+def is_unsure(below_logprob: float, error: str | None, answer_logprob: float | None) -> bool:
+    """An answer to re-answer: no error, and a log-probability below the step's threshold."""
+    return error is None and answer_logprob is not None and answer_logprob < below_logprob
 
 
 def escalated_record(engine: QZoomEngine, record: EngineRecord, result: EngineResult) -> EngineRecord | None:
@@ -78,10 +77,10 @@ def escalated_record(engine: QZoomEngine, record: EngineRecord, result: EngineRe
 
     The one rule the in-process driver, the batch job's stages and the endpoint share.
     """
-    budget = escalation_budget(engine, record)
-    if budget is None or not is_unsure(engine, result.error, result.answer_logprob):
+    step = escalation_step(engine, record)
+    if step is None or not is_unsure(step[1], result.error, result.answer_logprob):
         return None
-    return dataclasses.replace(record, max_pixels=budget * engine.adapter.token_px**2)
+    return dataclasses.replace(record, max_pixels=step[0] * engine.adapter.token_px**2)
 
 
 def summed_timings(*timings: dict[str, float]) -> dict[str, float]:

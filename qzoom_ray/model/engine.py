@@ -67,6 +67,8 @@ class QZoomEngine:
             torch.set_num_threads(self.config.torch_threads)
         self.loaded = loaded or load_model(self.config.model, self.config.generation.repetition_penalty)
         self.adapter: BackboneAdapter = self.loaded.adapter
+        # Direct and fallback answers decode with this (ModelConfig.direct_route_path); zoomed ones with `adapter`.
+        self.direct_adapter: BackboneAdapter = self.loaded.direct_adapter or self.adapter
         self.heads = self.loaded.heads
         self.processor = self.loaded.processor
         tok = self.processor.tokenizer
@@ -128,12 +130,12 @@ class QZoomEngine:
         return _Batch(ids, mask, embeds, positions, features, pads)
 
     def _finish(
-        self, preps: Sequence[PreparedRecord], cache, mask, positions, first_logits, prompt_ids
+        self, preps: Sequence[PreparedRecord], cache, mask, positions, first_logits, prompt_ids, adapter=None
     ) -> tuple[list[list[int]], list[list[float]]]:
         next_pos = positions.amax(dim=(0, 2)) + 1
         seen = seen_token_mask(prompt_ids, mask, first_logits.shape[-1])
         return greedy_decode(
-            self.adapter,
+            adapter or self.adapter,
             cache,
             mask,
             first_logits,
@@ -169,14 +171,14 @@ class QZoomEngine:
     ) -> list[EngineResult | ZoomRequest]:
         """Coarse pass for a batch; finished results for direct/fallback records, requests for the rest."""
         t0 = time.perf_counter()
-        a = self.adapter
+        a, da = self.adapter, self.direct_adapter  # layers below K are the same in both (direct_route checks)
         batch = self._to_batch(preps)
         cache = a.new_cache()
         pos_emb = a.position_embeddings(batch.embeds, batch.positions)
         mask0 = a.causal_mask(batch.embeds, batch.attention_mask, cache, 0)
         n = len(preps)
         k_split = self.K if self.qzoom else a.num_layers
-        h_k = a.run_layers(
+        h_k = (a if self.qzoom else da).run_layers(
             batch.embeds, 0, k_split, position_embeddings=pos_emb, attention_mask=mask0, cache=cache
         )
 
@@ -206,7 +208,7 @@ class QZoomEngine:
                     emb = a.position_embeddings(h, sub_pos)
                 else:
                     emb = pos_emb
-                h = a.run_layers(
+                h = da.run_layers(
                     h,
                     k_split,
                     a.num_layers,
@@ -214,9 +216,11 @@ class QZoomEngine:
                     attention_mask=a.causal_mask(h, sub_mask, sub_cache, k_split),
                     cache=sub_cache,
                 )
-            first = a.lm_head(a.final_norm(h[:, -1, :])).float()
+            first = da.lm_head(da.final_norm(h[:, -1, :])).float()
             sub_preps = [preps[b] for b in direct]
-            tokens, logprobs = self._finish(sub_preps, sub_cache, sub_mask, sub_pos, first, batch.input_ids[rows])
+            tokens, logprobs = self._finish(
+                sub_preps, sub_cache, sub_mask, sub_pos, first, batch.input_ids[rows], adapter=da
+            )
             t_dec = time.perf_counter()
             for i, (b, toks, ans) in enumerate(zip(direct, tokens, self._answers(tokens), strict=True)):
                 results[b] = self._result(

@@ -38,6 +38,9 @@ class LoadedModel:
     processor: Any
     repetition_penalty: float
     source: str
+    #: A view of ``adapter`` decoding with another model's decoder for the direct route
+    #: (``ModelConfig.direct_route_path``); None: the direct route uses ``adapter``.
+    direct_adapter: BackboneAdapter | None = None
 
     @property
     def spec(self) -> QZoomHeadsSpec | None:
@@ -115,6 +118,16 @@ def load_model(cfg: ModelConfig, repetition_penalty: float | None = None) -> Loa
     finally:
         hf_logging.set_verbosity(previous)
     model.to(device).eval()
+    adapter = adapter_for(model)
+    direct_adapter = None
+    if cfg.direct_route_path:
+        from qzoom_ray.model.direct_route import load_direct_adapter
+
+        # Before the patch-embedding swap below, so the vision towers compare parameter by parameter.
+        direct_adapter = load_direct_adapter(
+            adapter, resolve_checkpoint_dir(cfg.direct_route_path, None), cfg.direct_route_path,
+            source.spec.twig_K if source.spec is not None else 0, dtype, attn,
+        )
     if cfg.linear_patch_embed:
         from qzoom_ray.model.patch_embed import use_linear_patch_embed
 
@@ -123,7 +136,6 @@ def load_model(cfg: ModelConfig, repetition_penalty: float | None = None) -> Loa
     for key in QZoomHeadsSpec.CONFIG_FIELDS:
         if hasattr(model.config, key):
             delattr(model.config, key)
-    adapter = adapter_for(model)
 
     heads = None
     consumed: set[str] = set()
@@ -157,4 +169,5 @@ def load_model(cfg: ModelConfig, repetition_penalty: float | None = None) -> Loa
         processor=processor,
         repetition_penalty=_repetition_penalty(ckpt_dir, repetition_penalty),
         source=str(ckpt_dir),
+        direct_adapter=direct_adapter,
     )

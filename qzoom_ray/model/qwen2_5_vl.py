@@ -39,7 +39,7 @@ class Qwen25VLAdapter(BackboneAdapter):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self._text.layers
+        return self._text.layers if self.text_stack is None else self.text_stack.layers
 
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
@@ -83,10 +83,20 @@ class Qwen25VLAdapter(BackboneAdapter):
         return DynamicCache(config=self.text_config)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._text.norm(hidden)
+        return (self._text if self.text_stack is None else self.text_stack).norm(hidden)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+        return (self.model if self.text_stack is None else self.text_stack).lm_head(hidden)
+
+    def text_stack_of(self) -> nn.Module:
+        """This model's own decoder as a text stack (``layers``, ``norm``, ``lm_head``)."""
+        from qzoom_ray.model.direct_route import TextStack
+
+        return TextStack(self._text.layers, self._text.norm, self.model.lm_head)
+
+    def shared_parts(self) -> dict[str, nn.Module]:
+        """What a direct-route decoder must share with the model: vision tower and token embeddings."""
+        return {"vision tower": self._vlm.visual, "token embeddings": self._text.embed_tokens}
 
     def roi_logits(
         self, score_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...]

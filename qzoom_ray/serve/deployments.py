@@ -108,7 +108,7 @@ class CoarseServer(_ModelServer):
             else:
                 preps.append(out)
                 where.append(i)
-                escalate_to.append(handoff.escalate_max_pixels(self.engine, record))
+                escalate_to.append(handoff.escalation_step(self.engine, record) or (None, None))
         if preps:
             results = _isolated(
                 lambda b: self.engine.coarse(b, keep_prefix=self.reuse_prefix),
@@ -121,7 +121,7 @@ class CoarseServer(_ModelServer):
                 elif isinstance(res, ZoomRequest):
                     outcomes[i] = Outcome(
                         handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens,
-                        escalate_max_pixels=esc,
+                        escalate_max_pixels=esc[0], escalate_below=esc[1],
                     )
                 else:
                     outcomes[i] = Outcome(
@@ -129,7 +129,8 @@ class CoarseServer(_ModelServer):
                         result=handoff.compact_result(res),
                         prompt_tokens=handoff.prompt_tokens_of(prep),
                         max_new_tokens=prep.max_new_tokens,
-                        escalate_max_pixels=esc,
+                        escalate_max_pixels=esc[0],
+                        escalate_below=esc[1],
                     )
         return outcomes  # type: ignore[return-value]
 
@@ -267,7 +268,7 @@ class QZoomIngress:
             gate_thresh=opts.gate_thresh if opts else None,
             roi_thresh=opts.roi_thresh if opts else None,
         )
-        outcome = await handoff.answer_with_escalation(job, self._answer_once, args.engine.escalation)
+        outcome = await handoff.answer_with_escalation(job, self._answer_once)
         if outcome.kind == handoff.REJECTED:
             # The engine's own checks failed (decode, aspect ratio, size for the processor, question).
             raise ApiError(
@@ -285,10 +286,10 @@ class QZoomIngress:
         args = self.args
         outcome = await self._call(self.coarse, job, args.coarse.retry_after_s)
         if outcome.kind == handoff.ZOOM:
-            budget, escalate_to = outcome.max_new_tokens, outcome.escalate_max_pixels
+            budget, escalate = outcome.max_new_tokens, (outcome.escalate_max_pixels, outcome.escalate_below)
             outcome = await self._call(self.zoom, outcome.zoom, args.zoom.retry_after_s)
             outcome.max_new_tokens = outcome.max_new_tokens or budget
-            outcome.escalate_max_pixels = escalate_to
+            outcome.escalate_max_pixels, outcome.escalate_below = escalate
         return outcome
 
     @staticmethod

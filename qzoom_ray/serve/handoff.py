@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qzoom_ray.config import EscalationConfig
 from qzoom_ray.model.state import EngineRecord, EngineResult, PrefixState, ZoomRequest
 from qzoom_ray.serve.config import LiveConfig
 
@@ -44,6 +43,7 @@ class Outcome:
     #: Set by the coarse replica when escalation is configured for the request's budget: the budget
     #: (max_pixels) to answer again at if the final answer turns out unsure.
     escalate_max_pixels: int | None = None
+    escalate_below: float | None = None
 
 
 def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
@@ -62,37 +62,32 @@ def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
     )
 
 
-def escalate_max_pixels(engine, record: EngineRecord) -> int | None:
-    """The budget (max_pixels) this request is re-answered at when unsure; None where none is configured."""
-    from qzoom_ray.model.driver import escalation_budget
+def escalation_step(engine, record: EngineRecord) -> tuple[int, float] | None:
+    """(max_pixels to re-answer at, the log-probability below which to) for this request, or None."""
+    from qzoom_ray.model.driver import escalation_step as step_of
 
-    budget = escalation_budget(engine, record)
-    return None if budget is None else budget * engine.adapter.token_px**2
+    step = step_of(engine, record)
+    return None if step is None else (step[0] * engine.adapter.token_px**2, step[1])
 
 
-async def answer_with_escalation(
-    job: CoarseJob,
-    answer_once: Callable[[CoarseJob], Awaitable[Outcome]],
-    escalation: EscalationConfig | None,
-) -> Outcome:
+async def answer_with_escalation(job: CoarseJob, answer_once: Callable[[CoarseJob], Awaitable[Outcome]]) -> Outcome:
     """Answer ``job``; while the answer is unsure and a larger budget is configured, answer it again there.
 
-    ``answer_once`` runs the coarse (and, when gated, zoom) replicas for one job. The retry keeps the
-    first answer if it fails, and the returned result carries what the earlier answers cost: visual
-    tokens, timings and prompt tokens.
+    ``answer_once`` runs the coarse (and, when gated, zoom) replicas for one job; the coarse replica says
+    on the outcome where and below what log-probability this request escalates (``EngineConfig.escalation``).
+    The retry keeps the first answer if it fails, and the returned result carries what the earlier
+    answers cost: visual tokens, timings and prompt tokens.
     """
+    from qzoom_ray.model.driver import is_unsure, merge_escalated
+
     outcome = await answer_once(job)
     while (
-        escalation is not None
-        and outcome.kind == DONE
-        and outcome.escalate_max_pixels is not None
+        outcome.kind == DONE
         and outcome.result is not None
-        and outcome.result.error is None
-        and outcome.result.answer_logprob is not None
-        and outcome.result.answer_logprob < escalation.below_logprob
+        and outcome.escalate_max_pixels is not None
+        and outcome.escalate_below is not None
+        and is_unsure(outcome.escalate_below, outcome.result.error, outcome.result.answer_logprob)
     ):
-        from qzoom_ray.model.driver import merge_escalated
-
         again = await answer_once(dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels))
         if again.kind != DONE or again.result is None:
             break  # keep the answer we have rather than lose the request to its retry

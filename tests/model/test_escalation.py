@@ -95,5 +95,27 @@ def test_sure_answers_are_kept(tiny_model_dir):
 def test_escalation_config_is_checked():
     with pytest.raises(ValidationError, match="larger budget"):
         EngineConfig.model_validate({"escalation": {"below_logprob": -0.5, "to_budget": {256: 128}}})
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="<= 0"):
         EngineConfig.model_validate({"escalation": {"below_logprob": 0.5, "to_budget": {128: 256}}})
+    with pytest.raises(ValidationError, match="<= 0"):
+        EngineConfig.model_validate({"escalation": {"below_logprob": {128: 0.5}, "to_budget": {128: 256}}})
+    with pytest.raises(ValidationError, match="one threshold per step"):
+        EngineConfig.model_validate({"escalation": {"below_logprob": {128: -0.3}, "to_budget": {128: 256, 256: 576}}})
+    esc = EngineConfig.model_validate(
+        {"escalation": {"below_logprob": {128: -0.3, 256: -0.5}, "to_budget": {128: 256, 256: 576}}}
+    ).escalation
+    assert (esc.step(128), esc.step(256), esc.step(576)) == ((256, -0.3), (576, -0.5), None)
+
+
+def test_each_step_of_a_chain_has_its_own_threshold(tiny_model_dir, monkeypatch):
+    """16 -> 32 escalates everything (threshold 0), 32 -> 64 nothing (threshold -1e9)."""
+    from qzoom_ray.model import driver
+
+    esc = {"below_logprob": {16: 0.0, 32: -1e9}, "to_budget": {16: 32, 32: 64}}
+    engine = QZoomEngine(engine_config(tiny_model_dir, escalation=esc))
+    budgets = []
+    real = driver._run_once
+    monkeypatch.setattr(driver, "_run_once", lambda eng, rs, logits=False: budgets.append(
+        sorted({r.max_pixels // PX for r in rs})) or real(eng, rs, logits))
+    got = engine.generate(records(16)[:3])
+    assert budgets == [[16], [32]] and all(r.escalated for r in got)

@@ -14,23 +14,24 @@ from qzoom_ray.serve.config import LiveConfig
 from qzoom_ray.serve.handoff import DONE, FAILED, CoarseJob, Outcome
 
 PX = 28 * 28
-ESC = EscalationConfig(below_logprob=-0.5, to_budget={16: 32, 32: 64})
+ESC = EscalationConfig(below_logprob={16: -0.5, 32: -1.0}, to_budget={16: 32, 32: 64})
 
 
-def done(answer: str, logprob: float, tokens: int, escalate_to: int | None) -> Outcome:
+def done(answer: str, logprob: float, tokens: int, escalate_to: int | None, below: float | None = -0.5) -> Outcome:
     res = EngineResult("j", answer=answer, route="direct", coarse_visual_tokens=tokens,
                        token_logprobs=[logprob], timings={"coarse_s": 1.0})
-    return Outcome(DONE, result=res, prompt_tokens=tokens + 10, max_new_tokens=8, escalate_max_pixels=escalate_to)
+    return Outcome(DONE, result=res, prompt_tokens=tokens + 10, max_new_tokens=8, escalate_max_pixels=escalate_to,
+                   escalate_below=None if escalate_to is None else below)
 
 
-def run(job: CoarseJob, outcomes: list[Outcome], escalation=ESC) -> tuple[Outcome, list[CoarseJob]]:
+def run(job: CoarseJob, outcomes: list[Outcome]) -> tuple[Outcome, list[CoarseJob]]:
     seen: list[CoarseJob] = []
 
     async def answer_once(j: CoarseJob) -> Outcome:
         seen.append(j)
         return outcomes[len(seen) - 1]
 
-    return asyncio.run(handoff.answer_with_escalation(job, answer_once, escalation)), seen
+    return asyncio.run(handoff.answer_with_escalation(job, answer_once)), seen
 
 
 def test_unsure_answer_is_answered_again_and_carries_both_costs():
@@ -44,9 +45,12 @@ def test_unsure_answer_is_answered_again_and_carries_both_costs():
 
 def test_chains_follow_and_stop_where_no_budget_is_configured():
     job = CoarseJob("j", b"img", "q?")
-    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), done("8", -2.0, 32, 64 * PX), done("9", -3.0, 64, None)])
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), done("8", -2.0, 32, 64 * PX, -1.0), done("9", -3.0, 64, None)])
     assert [j.max_pixels for j in seen] == [None, 32 * PX, 64 * PX]
     assert out.result.answer == "9" and out.result.escalated_visual_tokens == 16 + 32
+    # Each step has its own threshold: -0.8 is unsure at the first step, sure enough at the second.
+    out, seen = run(job, [done("7", -0.8, 16, 32 * PX), done("8", -0.8, 32, 64 * PX, -1.0)])
+    assert len(seen) == 2 and out.result.answer == "8"
 
 
 def test_sure_answers_failed_retries_and_no_config_keep_the_first_answer():
@@ -55,7 +59,7 @@ def test_sure_answers_failed_retries_and_no_config_keep_the_first_answer():
     assert len(seen) == 1 and not out.result.escalated
     out, seen = run(job, [done("7", -2.0, 16, 32 * PX), Outcome(FAILED, result=EngineResult("j", error="boom"))])
     assert len(seen) == 2 and out.result.answer == "7" and not out.result.escalated
-    out, seen = run(job, [done("7", -2.0, 16, 32 * PX)], escalation=None)
+    out, seen = run(job, [done("7", -2.0, 16, None)])  # no escalation configured for this budget
     assert len(seen) == 1 and out.result.answer == "7"
 
 
@@ -67,9 +71,9 @@ def test_retry_budget_reaches_the_engine_record(tiny_model_dir):
     assert handoff.engine_record(CoarseJob("j", b"x", "q", max_pixels=32 * PX), live).max_pixels == 32 * PX
     engine = QZoomEngine(engine_config(tiny_model_dir, escalation=ESC.model_dump()))
     at = lambda n: EngineRecord("j", b"x", "q", max_pixels=n * PX)  # noqa: E731
-    assert handoff.escalate_max_pixels(engine, at(16)) == 32 * PX
-    assert handoff.escalate_max_pixels(engine, at(32)) == 64 * PX
-    assert handoff.escalate_max_pixels(engine, at(24)) is None
+    assert handoff.escalation_step(engine, at(16)) == (32 * PX, -0.5)
+    assert handoff.escalation_step(engine, at(32)) == (64 * PX, -1.0)
+    assert handoff.escalation_step(engine, at(24)) is None
 
 
 def test_response_says_the_answer_was_escalated():

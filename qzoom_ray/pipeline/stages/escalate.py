@@ -8,7 +8,6 @@ of pools. Only rows that may still escalate carry their image bytes that far; th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -41,12 +40,12 @@ def _record(row: dict[str, Any]):
 def retry_record(engine: Any, row: dict[str, Any], error: str | None, answer_logprob: float | None):
     """The record to answer again for a finished row, or None where its answer stands."""
     from qzoom_ray.model import driver
+    from qzoom_ray.model.state import EngineResult
 
-    if not enabled(engine) or not driver.is_unsure(engine, error, answer_logprob):
+    if not enabled(engine):
         return None
-    record = _record(row)
-    budget = driver.escalation_budget(engine, record)
-    return None if budget is None else dataclasses.replace(record, max_pixels=budget * engine.adapter.token_px**2)
+    first = EngineResult(row[S.ID], error=error, token_logprobs=[] if answer_logprob is None else [answer_logprob])
+    return driver.escalated_record(engine, _record(row), first)
 
 
 def escalate_table(engine: Any, table: pa.Table, device: str) -> pa.Table:
