@@ -70,7 +70,11 @@ def test_summary_and_manifest_next_to_output(gpu_job):
 
 
 def test_s3_input_and_output_on_moto_server(tiny_model_dir, moto_s3, tmp_path, monkeypatch):
-    """JSONL manifest with s3:// image URIs in, Parquet out, through a real S3 API on loopback (kv transfer)."""
+    """JSONL manifest with s3:// image URIs in, Parquet out, through a real S3 API on loopback (kv transfer).
+
+    Escalation is on with threshold 0, so every answered row is answered again on the zoom pool, from the
+    bytes the prepare stage read from S3 (they must travel that far for direct rows too).
+    """
     import s3fs
 
     for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
@@ -89,6 +93,7 @@ def test_s3_input_and_output_on_moto_server(tiny_model_dir, moto_s3, tmp_path, m
     cfg = job_config(
         tiny_model_dir, "s3://qzoom-test/in/manifest.jsonl", "s3://qzoom-test/out/",
         storage={"endpoint_url": moto_s3}, zoom_transfer="kv",
+        engine={"escalation": {"below_logprob": 0.0, "to_budget": {256: 512}}},
     )
     # Relative image paths resolve against the manifest's folder, not the working directory.
     cfg.input.image_root = "s3://qzoom-test"
@@ -99,4 +104,6 @@ def test_s3_input_and_output_on_moto_server(tiny_model_dir, moto_s3, tmp_path, m
     assert "not found" in by_id["s_missing"]["error"]
     assert all(by_id[r["id"]]["answer"] for r in rows)
     assert sum(by_id[r["id"]]["zoomed"] for r in rows) == 2 and summary.zoomed == 2
+    assert all(by_id[r["id"]]["escalated"] and by_id[r["id"]]["escalated_visual_tokens"] > 0 for r in rows)
+    assert not by_id["s_missing"]["escalated"] and summary.escalated == len(rows)
     assert fs.exists("qzoom-test/out/_qzoom_job.json") and fs.exists("qzoom-test/out/_qzoom_summary.json")
