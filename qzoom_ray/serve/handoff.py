@@ -6,6 +6,7 @@ Plain dataclasses, no Ray: the deployments are thin adapters around these functi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 
 from qzoom_ray.model.state import EngineRecord, EngineResult, PrefixState, ZoomRequest
 from qzoom_ray.serve.config import LiveConfig
+
+logger = logging.getLogger(__name__)
 
 #: Outcome kinds. "rejected" is the client's fault (bad image, bad size), "failed" is ours.
 DONE, ZOOM, REJECTED, FAILED = "done", "zoom", "rejected", "failed"
@@ -88,7 +91,12 @@ async def answer_with_escalation(job: CoarseJob, answer_once: Callable[[CoarseJo
         and outcome.escalate_below is not None
         and is_unsure(outcome.escalate_below, outcome.result.error, outcome.result.answer_logprob)
     ):
-        again = await answer_once(dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels))
+        try:
+            again = await answer_once(dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels))
+        except Exception as exc:  # e.g. the zoom deployment at capacity: the answer we have is still an answer
+            logger.warning("escalated retry of %s failed (%s: %s); keeping the first answer", job.id,
+                           type(exc).__name__, exc)
+            break
         if again.kind != DONE or again.result is None:
             break  # keep the answer we have rather than lose the request to its retry
         again.result = merge_escalated(outcome.result, again.result)

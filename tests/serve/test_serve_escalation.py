@@ -29,7 +29,10 @@ def run(job: CoarseJob, outcomes: list[Outcome]) -> tuple[Outcome, list[CoarseJo
 
     async def answer_once(j: CoarseJob) -> Outcome:
         seen.append(j)
-        return outcomes[len(seen) - 1]
+        out = outcomes[len(seen) - 1]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     return asyncio.run(handoff.answer_with_escalation(job, answer_once)), seen
 
@@ -58,6 +61,8 @@ def test_sure_answers_failed_retries_and_no_config_keep_the_first_answer():
     out, seen = run(job, [done("7", -0.1, 16, 32 * PX)])
     assert len(seen) == 1 and not out.result.escalated
     out, seen = run(job, [done("7", -2.0, 16, 32 * PX), Outcome(FAILED, result=EngineResult("j", error="boom"))])
+    assert len(seen) == 2 and out.result.answer == "7" and not out.result.escalated
+    out, seen = run(job, [done("7", -2.0, 16, 32 * PX), RuntimeError("zoom deployment at capacity")])
     assert len(seen) == 2 and out.result.answer == "7" and not out.result.escalated
     out, seen = run(job, [done("7", -2.0, 16, None)])  # no escalation configured for this budget
     assert len(seen) == 1 and out.result.answer == "7"
