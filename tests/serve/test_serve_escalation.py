@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import engine_config
+from conftest import engine_config, make_image_bytes
 
 from qzoom_ray.config import EscalationConfig
 from qzoom_ray.model.state import EngineRecord, EngineResult
@@ -86,3 +86,25 @@ def test_response_says_the_answer_was_escalated():
                        escalated=True, escalated_visual_tokens=16)
     info = completion_from_result(res, "qzoom", 40, 8).qzoom
     assert info.escalated and info.escalated_visual_tokens == 16
+
+
+def test_endpoint_answers_unsure_requests_again(tiny_model_dir):
+    """The real app: threshold 0 makes every answer unsure, so each request goes through the model
+    deployments twice (Max-256, then Max-512) and says so."""
+    from serve_helpers import post, running_app, serve_args_for
+
+    from qzoom_ray.serve.bench import chat_body
+
+    args = serve_args_for(tiny_model_dir)
+    args = args.model_copy(update={"engine": args.engine.model_copy(
+        update={"escalation": EscalationConfig(below_logprob=0.0, to_budget={256: 512})})})
+    png = make_image_bytes(320, 240, 3)
+    with running_app(args) as url:
+        for gate, route in ((2.0, "direct"), (0.0, "zoom")):
+            resp = post(url, chat_body(png, "What is the total?", max_tokens=4, gate_thresh=gate))
+            assert resp.status_code == 200, resp.text
+            q = resp.json()["qzoom"]
+            assert q["escalated"] and q["route"] == route
+            # The first answer's tokens: its global view, and its crop when zoomed.
+            assert q["escalated_visual_tokens"] >= q["coarse_visual_tokens"] > 0
+            assert q["timings"]["coarse_s"] > 0
