@@ -48,7 +48,8 @@ def check_compatible(main: BackboneAdapter, other: BackboneAdapter, shared_layer
         if getattr(mc, key, None) != getattr(oc, key, None):
             raise CheckpointError(f"direct_route_path {path}: text config {key} {getattr(oc, key, None)} != "
                                   f"the checkpoint's {getattr(mc, key, None)}")
-    parts = {name: (m, other.shared_parts()[name]) for name, m in main.shared_parts().items()}
+    theirs = other.shared_parts()
+    parts = {name: (m, theirs[name]) for name, m in main.shared_parts().items()}
     parts.update({f"decoder layer {i}": (main.layers[i], other.layers[i]) for i in range(shared_layers)})
     for name, (a, b) in parts.items():
         why = _same(a, b)

@@ -72,13 +72,15 @@ def is_unsure(below_logprob: float, error: str | None, answer_logprob: float | N
     return error is None and answer_logprob is not None and answer_logprob < below_logprob
 
 
-def escalated_record(engine: QZoomEngine, record: EngineRecord, result: EngineResult) -> EngineRecord | None:
-    """The record to answer again (same record at the larger budget), or None where the answer stands.
+def escalated_record(
+    engine: QZoomEngine, record: EngineRecord, error: str | None, answer_logprob: float | None
+) -> EngineRecord | None:
+    """The record to answer again (same record at the larger budget), or None where its answer stands.
 
     The one rule the in-process driver, the batch job's stages and the endpoint share.
     """
     step = escalation_step(engine, record)
-    if step is None or not is_unsure(step[1], result.error, result.answer_logprob):
+    if step is None or not is_unsure(step[1], error, answer_logprob):
         return None
     return dataclasses.replace(record, max_pixels=step[0] * engine.adapter.token_px**2)
 
@@ -117,7 +119,7 @@ def _escalate(
     """
     todo, again = [], []
     for i, (rec, res) in enumerate(zip(records, results, strict=True)):
-        retry = escalated_record(engine, rec, res)
+        retry = escalated_record(engine, rec, res.error, res.answer_logprob)
         if retry is not None:
             todo.append(i)
             again.append(dataclasses.replace(retry, image=decoded.get(i, rec.image)))

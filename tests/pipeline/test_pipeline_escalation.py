@@ -110,3 +110,18 @@ def test_batch_job_and_endpoint_accept_escalation():
     assert BatchJobConfig.model_validate({"engine": engine}).engine.escalation.to_budget == {128: 256}
     assert ServeArgs.model_validate({"engine": engine}).engine.escalation.below_logprob == -0.5
     assert EngineConfig.model_validate({"escalation": engine["escalation"]}).escalation is not None
+
+
+def test_colocated_retries_of_zoomed_rows_reuse_the_decoded_image(escalating, prepared, monkeypatch):
+    from qzoom_ray.model import preprocess
+
+    engine, reference = escalating
+    sources: list[str] = []
+    real = preprocess.load_image
+    monkeypatch.setattr(preprocess, "load_image", lambda src, **kw: sources.append(type(src).__name__) or real(src, **kw))
+    stages.CoarseZoomPass(engine)(prepared)
+    again = [r for r in reference.values() if r.escalated]
+    zoomed_first = {r["id"] for r in ROWS if r["gate_thresh"] == 0.0}
+    # Direct rows were never decoded on this actor, zoomed ones were (for their crop).
+    assert sources.count("bytes") == sum(r.id not in zoomed_first for r in again)
+    assert len(sources) - sources.count("bytes") == sum(r.id in zoomed_first for r in again) > 0

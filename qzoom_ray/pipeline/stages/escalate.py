@@ -8,6 +8,7 @@ of pools. Only rows that may still escalate carry their image bytes that far; th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -40,19 +41,18 @@ def _record(row: dict[str, Any]):
 def retry_record(engine: Any, row: dict[str, Any], error: str | None, answer_logprob: float | None):
     """The record to answer again for a finished row, or None where its answer stands."""
     from qzoom_ray.model import driver
-    from qzoom_ray.model.state import EngineResult
 
     if not enabled(engine):
         return None
-    first = EngineResult(row[S.ID], error=error, token_logprobs=[] if answer_logprob is None else [answer_logprob])
-    return driver.escalated_record(engine, _record(row), first)
+    return driver.escalated_record(engine, _record(row), error, answer_logprob)
 
 
-def escalate_table(engine: Any, table: pa.Table, device: str) -> pa.Table:
+def escalate_table(engine: Any, table: pa.Table, device: str, decoded: dict[int, Any] | None = None) -> pa.Table:
     """Answer the unsure finished rows again at their larger budget; their columns say what both cost.
 
     A row whose retry fails keeps its first answer. Rows without image bytes (dropped upstream because
-    they could not escalate) are left alone.
+    they could not escalate) are left alone. ``decoded``: images this actor already decoded, by row
+    index, so their retries do not decode the bytes again.
     """
     if not enabled(engine):
         return table
@@ -66,7 +66,7 @@ def escalate_table(engine: Any, table: pa.Table, device: str) -> pa.Table:
         rec = retry_record(engine, row, row.get(S.ERROR), row.get("answer_logprob"))
         if rec is not None:
             todo.append(i)
-            records.append(rec)
+            records.append(rec if decoded is None or i not in decoded else dataclasses.replace(rec, image=decoded[i]))
     if not todo:
         return table
     try:

@@ -57,9 +57,9 @@ class _EngineStage:
         out = self.process(table)
         return finalize_table(out, **self.finalize) if self.finalize else out
 
-    def escalate_and_free(self, table: pa.Table) -> pa.Table:
+    def escalate_and_free(self, table: pa.Table, decoded: dict[int, Any] | None = None) -> pa.Table:
         """The last model stage: re-answer unsure rows (``EngineConfig.escalation``), then drop all image bytes."""
-        table = escalate.escalate_table(self.engine, table, self.device)
+        table = escalate.escalate_table(self.engine, table, self.device, decoded)
         if S.IMAGE_BYTES in table.column_names:
             i = table.column_names.index(S.IMAGE_BYTES)
             table = table.set_column(i, S.IMAGE_BYTES, pa.nulls(table.num_rows, S.COLUMN_TYPES[S.IMAGE_BYTES]))
@@ -167,7 +167,7 @@ class CoarseZoomPass(CoarsePass):
         rows = rows_of(table, (*PREPARED_COLUMNS, S.IMAGE_BYTES))
         outs = self.coarse_updates(rows, keep_prefix=True)
         updates: list[dict[str, Any] | None] = [None] * len(rows)
-        items = []
+        items, decoded = [], {}
         cfg = self.engine.config
         for i, out in outs.items():
             if not isinstance(out, ZoomRequest):
@@ -177,6 +177,7 @@ class CoarseZoomPass(CoarsePass):
                 image = load_image(rows[i][S.IMAGE_BYTES], max_pixels=cfg.max_image_pixels,
                                    max_aspect_ratio=cfg.max_aspect_ratio)
                 items.append((i, (out, self.engine.prepare_roi(out, image))))
+                decoded[i] = image
             except Exception as exc:
                 res = _error_result(rows[i][S.ID], exc)
                 updates[i] = {**codec.result_to_row(res), **_SPENT, "coarse_device": self.device}
@@ -189,4 +190,4 @@ class CoarseZoomPass(CoarsePass):
             u = codec.result_to_row(res)
             u.update(coarse_s=req.coarse_s, crop_s=roi.prep_s, coarse_device=self.device, zoom_device=self.device)
             updates[i] = {**u, **_SPENT_BUT_BYTES}
-        return self.escalate_and_free(apply_updates(table, updates))
+        return self.escalate_and_free(apply_updates(table, updates), decoded)
