@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("--by-budget", action="store_true",
                    help="write the pair under zoom.thresholds_by_budget[--max-tokens] (used by records at that budget) "
                    "instead of the global zoom.gate_thresh / roi_thresh")
+    p.add_argument("--direct-route-path", default=None,
+                   help="checkpoint whose decoder answers the records the gate does not zoom (ModelConfig."
+                   "direct_route_path), as served; default: --config-in's model.direct_route_path; 'none': no direct route")
     p.add_argument("--reference-budget", type=int, help="baseline Max-N whose accuracy is the reference")
     p.add_argument("--target", choices=["accuracy", "zoom_rate"], default="accuracy")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy (fraction) allowed below the reference")
@@ -49,10 +52,11 @@ def main() -> None:
     from qzoom_ray.config import ModelConfig
     from qzoom_ray.eval.data import load_labelled
     from qzoom_ray.model.loader import load_model
-    from qzoom_ray.train.calibrate import choose_thresholds, collect_table, write_thresholds
+    from qzoom_ray.train.calibrate import choose_thresholds, collect_table, direct_route_of, write_thresholds
 
     rows = load_labelled(args.data, limit=args.limit)
-    loaded = load_model(ModelConfig(path=args.model))
+    direct_route = direct_route_of(args.direct_route_path, args.config_in)
+    loaded = load_model(ModelConfig(path=args.model, direct_route_path=direct_route))
     grid = [float(v) for v in args.roi_grid.split(",")]
     table = collect_table(loaded, rows, args.min_tokens, args.max_tokens, grid, args.reference_budget, args.batch_size,
                           roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin,
@@ -63,6 +67,7 @@ def main() -> None:
     write_thresholds(args.config_in or args.config_out, args.config_out, choice["tau_gate"], choice["tau_roi"], note,
                      roi_thresh_mode=args.roi_thresh_mode, roi_margin=args.roi_margin,
                      budget=args.max_tokens if args.by_budget else None, roi_max_downscale=args.roi_max_downscale)
+    choice["direct_route_path"] = direct_route
     choice["roi_thresh_mode"] = args.roi_thresh_mode
     choice["roi_margin"] = args.roi_margin
     choice["roi_max_downscale"] = args.roi_max_downscale

@@ -122,6 +122,19 @@ def collect_table(loaded: Any, rows: list[Any], min_tokens: int, max_tokens: int
                              **box_rule})
 
 
+def direct_route_of(flag: str | None, config_in: str | Path | None) -> str | None:
+    """The direct route calibration must answer with: ``flag`` when given ('none' for no route), else the one
+    ``config_in`` serves (``model.direct_route_path``). A pair chosen on the checkpoint's own direct answers would
+    be wrong for a config that answers ungated records with another decoder."""
+    if flag is not None:
+        return None if flag.strip().lower() in ("", "none") else flag
+    if config_in is None or not Path(config_in).exists():
+        return None
+    data = yaml.safe_load(Path(config_in).read_text()) or {}
+    holder = data["engine"] if isinstance(data.get("engine"), dict) else data
+    return (holder.get("model") or {}).get("direct_route_path")
+
+
 def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: float, tau_roi: float,
                      note: str = "", roi_thresh_mode: str | None = None, roi_margin: float | None = None,
                      budget: int | None = None, roi_max_downscale: float | None = None) -> Path:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from qzoom_ray.config import ZoomConfig
-from qzoom_ray.train.calibrate import NEVER, CalibrationTable, choose_thresholds, write_thresholds
+from qzoom_ray.train.calibrate import (
+    NEVER,
+    CalibrationTable,
+    choose_thresholds,
+    direct_route_of,
+    write_thresholds,
+)
 from qzoom_ray.train.consistency import (
     EASY,
     HALLUCINATED,
@@ -140,3 +146,19 @@ def test_write_thresholds_keeps_the_rest_of_the_config(tmp_path):
                                             256: {"gate_thresh": 0.01, "roi_thresh": 0.5}}
     assert list(zoom["thresholds_by_budget"]) == [64, 256]
     assert ZoomConfig.model_validate(zoom).thresholds_by_budget[256].gate_thresh == 0.01
+
+
+def test_calibration_answers_with_the_direct_route_the_config_serves(tmp_path):
+    served = tmp_path / "served.yaml"
+    served.write_text("model: {path: embedded:tiny, direct_route_path: embedded:tiny-base}\nzoom: {mode: qzoom}\n")
+    nested = tmp_path / "job.yaml"
+    nested.write_text("engine:\n  model: {path: m, direct_route_path: /ckpt/base}\n  zoom: {mode: qzoom}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: {path: embedded:tiny}\n")
+    assert direct_route_of(None, served) == "embedded:tiny-base"
+    assert direct_route_of(None, nested) == "/ckpt/base"
+    assert direct_route_of(None, plain) is None
+    assert direct_route_of(None, tmp_path / "missing.yaml") is None and direct_route_of(None, None) is None
+    # The flag wins, and 'none' turns the route off whatever the config serves.
+    assert direct_route_of("/other", served) == "/other"
+    assert direct_route_of("none", served) is None
