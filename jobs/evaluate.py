@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metric", default="exact_match", help="metric for rows without a 'metric' column")
     p.add_argument("--no-roi-maps", action="store_true", help="do not keep RoI maps in predictions.parquet")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--no-escalation", action="store_true",
+                   help="answer every Q-Zoom budget once, whatever the config's escalation says: the plain runs "
+                   "jobs/choose_escalation.py chooses a threshold from")
     p.add_argument("--out", default="runs/eval")
     return p.parse_args(argv)
 
@@ -70,6 +73,8 @@ def build_config(args: argparse.Namespace):
         data["zoom"]["roi_thresh"] = args.roi_thresh
     if args.threads:
         data["torch_threads"] = args.threads
+    if args.no_escalation:
+        data["escalation"] = None
     return EngineConfig.model_validate(data)
 
 

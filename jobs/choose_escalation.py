@@ -1,0 +1,93 @@
+"""Choose the escalation threshold (EngineConfig.escalation) from plain evaluation runs on validation sets.
+
+    # one plain run per validation set: Q-Zoom at the budgets to escalate between, and the reference
+    python jobs/evaluate.py --data data/val-a.parquet --config configs/engine.yaml --no-escalation \\
+        --baseline-budgets 1024 --qzoom-budgets 128,256 --out runs/val-a
+    python jobs/choose_escalation.py --runs runs/val-a,runs/val-b --rule accuracy --min-speedup 5 \\
+        --config-in configs/engine.yaml --config-out configs/engine.yaml --report runs/escalation.json
+
+Every single step from the lowest Q-Zoom budget, and every chain through all of them, is scored at each threshold
+of --grid from the runs' own answers (accuracy exact; time = the model time of every answer a record gets), and
+judged against the reference: by default each run's most accurate baseline budget. --rule accuracy takes the
+highest worst-set margin over the reference among settings at least --min-speedup x as fast on every set;
+--rule speed the fastest within --max-drop points of the reference on every set. Fix the rule before looking at
+the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _grid(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or any(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"thresholds are log-probabilities <= 0, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from qzoom_ray.eval.escalation import DEFAULT_GRID
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", required=True, help="comma-separated jobs/evaluate.py output folders, one per set")
+    p.add_argument("--reference-budget", type=int, help="baseline Max-N to judge against (default: each run's peak)")
+    p.add_argument("--grid", type=_grid, default=list(DEFAULT_GRID), help="thresholds tried per step")
+    p.add_argument("--rule", choices=["accuracy", "speed"], default="accuracy")
+    p.add_argument("--min-speedup", type=float, default=4.0, help="--rule accuracy: least speed-up on every set")
+    p.add_argument("--max-drop", type=float, default=0.5, help="--rule speed: most points below the reference")
+    p.add_argument("--top", type=int, default=12, help="settings shown, best first")
+    p.add_argument("--config-in", help="YAML to copy the escalation into (default: --config-out)")
+    p.add_argument("--config-out", help="write the chosen escalation here")
+    p.add_argument("--report", help="write every setting's figures and the choice (JSON) here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from qzoom_ray.eval.escalation import candidate_outcomes, choose, escalation_config, score_settings
+    from qzoom_ray.eval.escalation_runs import read_run, write_escalation
+
+    runs = [Path(r) for r in args.runs.split(",") if r.strip()]
+    read = [read_run(r, args.reference_budget) for r in runs]
+    for r, (ladder, ref) in zip(runs, read, strict=True):
+        print(f"{r}: Q-Zoom Max-{'/'.join(map(str, sorted(ladder)))}, reference {ref.name} {ref.accuracy:.1f} %")
+    scored = score_settings([candidate_outcomes(ladder, args.grid) for ladder, _ in read],
+                            [(ref.accuracy, ref.seconds) for _, ref in read])
+    choice = choose(scored, args.rule, args.min_speedup, args.max_drop)
+    rank = sorted(scored, key=lambda s: ((min(s.margins), min(s.speedups)) if args.rule == "accuracy"
+                                         else (min(s.speedups), min(s.margins))), reverse=True)
+    print("\n| setting | " + " | ".join(f"{r.name}: points, speed-up, re-answered" for r in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for s in rank[: args.top]:
+        cells = [f"{m:+.1f}, {x:.2f}x, {e:.0%}" for m, x, e in zip(s.margins, s.speedups, s.escalated, strict=True)]
+        print(f"| {s.name} | " + " | ".join(cells) + " |")
+    if choice is None:
+        print(f"\nno setting meets --rule {args.rule} on every set", file=sys.stderr)
+        return 1
+    print(f"\nchosen ({args.rule}): {choice.name}; worst set {min(choice.margins):+.1f} points at "
+          f"{min(choice.speedups):.2f}x")
+    block = escalation_config(choice) if len(choice.steps) > 1 else None
+    if args.config_out:
+        if block is None:
+            print("the choice is a plain budget: no escalation to write", file=sys.stderr)
+            return 1
+        note = (f"jobs/choose_escalation.py --rule {args.rule} on {', '.join(r.name for r in runs)}: worst set "
+                f"{min(choice.margins):+.1f} points at {min(choice.speedups):.2f}x the reference")
+        write_escalation(args.config_in or args.config_out, args.config_out, block, note)
+        print(f"wrote escalation {block} into {args.config_out}")
+    if args.report:
+        Path(args.report).write_text(json.dumps({
+            "rule": args.rule, "min_speedup": args.min_speedup, "max_drop": args.max_drop,
+            "runs": [str(r) for r in runs], "references": [ref.name for _, ref in read],
+            "choice": choice.__dict__ | {"escalation": block},
+            "settings": [s.__dict__ for s in rank],
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Choosing the escalation threshold (``EngineConfig.escalation``) from evaluation runs, without re-running a model.
+
+An evaluation run (``jobs/evaluate.py``) answers every record at each Q-Zoom budget and keeps each answer's score,
+log-probability and model time. Escalating a record from budget ``a`` to ``b`` below threshold ``t`` gives exactly
+the ``b`` answer where the ``a`` answer's log-probability is below ``t`` (the rule of ``model.driver.is_unsure``: an
+error or a missing log-probability never escalates), and costs both answers' model time. So every threshold of a
+grid, single steps and chains, can be scored from one run per validation set, and the choice made by a rule fixed
+before anything is run on the test set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The thresholds tried per step unless told otherwise (log-probabilities of the whole answer).
+DEFAULT_GRID = (-0.05, -0.1, -0.2, -0.3, -0.4, -0.5, -0.7, -1.0)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One setting's answers to the same records, in the same order."""
+
+    score: np.ndarray  # (N,) in [0, 1]
+    logprob: np.ndarray  # (N,) NaN where there is none
+    seconds: np.ndarray  # (N,) model time of the record
+    error: np.ndarray  # (N,) bool
+
+    @classmethod
+    def of(cls, score: Sequence[float], logprob: Sequence[float | None], seconds: Sequence[float],
+           error: Sequence[bool] | None = None) -> Rung:
+        n = len(score)
+        if not (len(logprob) == len(seconds) == n and (error is None or len(error) == n)):
+            raise ValueError("score, logprob, seconds and error must have one entry per record")
+        lp = np.array([math.nan if v is None else float(v) for v in logprob])
+        return cls(np.asarray(score, float), lp, np.asarray(seconds, float),
+                   np.zeros(n, bool) if error is None else np.asarray(error, bool))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A setting's accuracy (%) and model time on one set; ``escalated``: share of records answered again."""
+
+    steps: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    accuracy: float
+    seconds: float
+    escalated: float
+
+    @property
+    def name(self) -> str:
+        hops = " -> ".join(str(b) for b in self.steps)
+        return f"{hops} below {' / '.join(f'{t:g}' for t in self.thresholds)}" if self.thresholds else f"Max-{hops}"
+
+
+def escalate(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float]) -> Outcome:
+    """Answer at ``steps[0]``; an answer at ``steps[i]`` below ``thresholds[i]`` is answered again at ``steps[i+1]``."""
+    if len(thresholds) != len(steps) - 1:
+        raise ValueError(f"{len(steps)} budgets need {len(steps) - 1} thresholds, got {len(thresholds)}")
+    first = ladder[steps[0]]
+    score, seconds = first.score.copy(), first.seconds.copy()
+    asked = np.ones(score.size, bool)  # the records whose current answer is the latest rung's
+    answered_again = np.zeros(score.size, bool)
+    current = first
+    for budget, threshold in zip(steps[1:], thresholds, strict=True):
+        # A NaN log-probability compares False: no answer to judge, no escalation (driver.is_unsure).
+        asked = asked & ~current.error & (current.logprob < threshold)
+        answered_again |= asked
+        current = ladder[budget]
+        if current.score.size != score.size:
+            raise ValueError(f"Max-{budget} has {current.score.size} records, Max-{steps[0]} {score.size}")
+        score = np.where(asked, current.score, score)
+        seconds = seconds + np.where(asked, current.seconds, 0.0)
+    return Outcome(tuple(steps), tuple(float(t) for t in thresholds), 100.0 * float(score.mean()),
+                   float(seconds.sum()), float(answered_again.mean()))
+
+
+def candidate_outcomes(ladder: Mapping[int, Rung], grid: Sequence[float] = DEFAULT_GRID) -> list[Outcome]:
+    """Every plain budget, every single step from the lowest budget, and every chain through all of them."""
+    budgets = sorted(ladder)
+    out = [escalate(ladder, [b], []) for b in budgets]
+    for hi in budgets[1:]:
+        out += [escalate(ladder, [budgets[0], hi], [t]) for t in grid]
+    if len(budgets) > 2:
+        out += [escalate(ladder, budgets, list(ts)) for ts in itertools.product(grid, repeat=len(budgets) - 1)]
+    return out
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One setting judged on every set: accuracy minus the set's reference, and speed-up over it."""
+
+    name: str
+    steps: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    margins: tuple[float, ...]  # accuracy - reference accuracy, points, one per set
+    speedups: tuple[float, ...]  # reference seconds / setting seconds, one per set
+    escalated: tuple[float, ...]
+
+
+def score_settings(per_set: Sequence[Sequence[Outcome]], references: Sequence[tuple[float, float]]) -> list[Scored]:
+    """Join each set's outcomes by setting. ``references``: (accuracy %, seconds) of the reference, per set."""
+    if len(per_set) != len(references) or not per_set:
+        raise ValueError("one list of outcomes and one reference per set")
+    by_key = [{(o.steps, o.thresholds): o for o in outs} for outs in per_set]
+    keys = [k for k in by_key[0] if all(k in d for d in by_key[1:])]
+    out = []
+    for key in keys:
+        outs = [d[key] for d in by_key]
+        out.append(Scored(outs[0].name, *key,
+                          tuple(o.accuracy - ref_acc for o, (ref_acc, _) in zip(outs, references, strict=True)),
+                          tuple(ref_s / o.seconds for o, (_, ref_s) in zip(outs, references, strict=True)),
+                          tuple(o.escalated for o in outs)))
+    return out
+
+
+def choose(scored: Sequence[Scored], rule: str, min_speedup: float = 4.0, max_drop: float = 0.5) -> Scored | None:
+    """The setting a rule picks, judged by its worst set; None where no setting qualifies.
+
+    * ``accuracy``: among settings at least ``min_speedup`` x the reference on every set, the highest worst-case
+      margin (ties: the higher worst-case speed-up);
+    * ``speed``: among settings no more than ``max_drop`` points below the reference on every set, the highest
+      worst-case speed-up (ties: the higher worst-case margin).
+    """
+    if rule == "accuracy":
+        ok = [s for s in scored if min(s.speedups) >= min_speedup]
+        return max(ok, key=lambda s: (min(s.margins), min(s.speedups)), default=None)
+    if rule == "speed":
+        ok = [s for s in scored if min(s.margins) >= -max_drop]
+        return max(ok, key=lambda s: (min(s.speedups), min(s.margins)), default=None)
+    raise ValueError(f"rule must be 'accuracy' or 'speed', got {rule!r}")
+
+
+def escalation_config(choice: Scored) -> dict:
+    """The ``escalation:`` block serving ``choice`` (None for a plain budget: nothing to escalate)."""
+    if len(choice.steps) < 2:
+        raise ValueError(f"{choice.name} is a plain budget, not an escalation")
+    hops = dict(zip(choice.steps[:-1], choice.steps[1:], strict=True))
+    below = dict(zip(choice.steps[:-1], choice.thresholds, strict=True))
+    return {"below_logprob": below[choice.steps[0]] if len(below) == 1 else below, "to_budget": hops}

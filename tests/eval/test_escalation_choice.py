@@ -1,0 +1,135 @@
+"""Choosing the escalation threshold from plain runs: the simulation equals the engine's rule, and the rules pick
+what they promise (hand-made ladders)."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from qzoom_ray.config import EngineConfig
+from qzoom_ray.eval.escalation import (
+    Rung,
+    candidate_outcomes,
+    choose,
+    escalate,
+    escalation_config,
+    score_settings,
+)
+from qzoom_ray.eval.escalation_runs import read_run, write_escalation
+from qzoom_ray.model.driver import is_unsure
+
+# Four records. Max-128: right, wrong and unsure, wrong and sure, an error. Max-256 fixes records 1 and 2.
+LOW = Rung.of([1, 0, 0, 0], [-0.1, -0.9, -0.05, None], [1.0, 1.0, 1.0, 1.0], [False, False, False, True])
+HIGH = Rung.of([1, 1, 1, 0], [-0.05, -0.6, -0.01, -2.0], [3.0, 3.0, 3.0, 3.0])
+TOP = Rung.of([0, 1, 1, 1], [-0.2, -0.1, -0.3, -0.1], [9.0, 9.0, 9.0, 9.0])
+
+
+def test_a_single_step_takes_the_larger_budgets_answer_exactly_where_the_engine_would_re_answer():
+    out = escalate({128: LOW, 256: HIGH}, [128, 256], [-0.5])
+    unsure = [is_unsure(-0.5, "boom" if e else None, None if math.isnan(lp) else lp)
+              for e, lp in zip(LOW.error, LOW.logprob, strict=True)]
+    assert unsure == [False, True, False, False]  # the error and the missing log-probability never escalate
+    assert out.accuracy == 50.0 and out.escalated == 0.25
+    assert out.seconds == 4.0 + 3.0  # the escalated record pays for both answers
+    assert escalate({128: LOW, 256: HIGH}, [128], []).accuracy == 25.0
+
+
+def test_a_chain_re_answers_only_what_is_still_unsure_at_each_step():
+    ladder = {128: LOW, 256: HIGH, 576: TOP}
+    out = escalate(ladder, [128, 256, 576], [-0.01, -0.5])
+    # Step 1: records 0, 1, 2 are below -0.01. Step 2: of those only record 1 (-0.6) is below -0.5.
+    assert out.accuracy == 75.0  # 1 (Max-256), 1 (Max-576), 1 (Max-256), 0 (error)
+    assert out.seconds == 4.0 + 3 * 3.0 + 9.0 and out.escalated == 0.75
+    with pytest.raises(ValueError, match="thresholds"):
+        escalate(ladder, [128, 256, 576], [-0.5])
+
+
+def test_candidates_cover_plain_budgets_single_steps_and_chains():
+    names = {o.name for o in candidate_outcomes({128: LOW, 256: HIGH, 576: TOP}, grid=[-0.1, -0.5])}
+    assert {"Max-128", "Max-576", "128 -> 256 below -0.1", "128 -> 576 below -0.5",
+            "128 -> 256 -> 576 below -0.5 / -0.1"} <= names
+    assert len(names) == 3 + 2 * 2 + 2 * 2
+
+
+def test_rules_judge_a_setting_by_its_worst_set():
+    per_set = [candidate_outcomes({128: LOW, 256: HIGH}, grid=[-0.05, -0.5]),
+               candidate_outcomes({128: LOW, 256: HIGH}, grid=[-0.05, -0.5])]
+    # Set 1's reference: 50 % in 14 s; set 2's: 75 % in 10 s.
+    scored = score_settings(per_set, [(50.0, 14.0), (75.0, 10.0)])
+    by_name = {s.name: s for s in scored}
+    assert by_name["128 -> 256 below -0.5"].margins == (0.0, -25.0)
+    assert by_name["128 -> 256 below -0.5"].speedups == (2.0, 10.0 / 7.0)
+    # -0.05 re-answers records 0 and 1 (4 + 2 x 3 = 10 s) and scores 50 %: the same margins, slower.
+    assert by_name["128 -> 256 below -0.05"].speedups == (1.4, 1.0)
+    # Max-256 (75 %, 12 s) is the most accurate but slower than set 2's reference.
+    assert choose(scored, "accuracy", min_speedup=0.8).name == "Max-256"
+    assert choose(scored, "accuracy", min_speedup=1.0).name == "128 -> 256 below -0.5"  # the faster of a tie
+    assert choose(scored, "accuracy", min_speedup=5.0) is None
+    assert choose(scored, "speed", max_drop=30.0).name == "128 -> 256 below -0.5"  # Max-128 is 50 points down
+    assert choose(scored, "speed", max_drop=50.0).name == "Max-128"
+    with pytest.raises(ValueError, match="rule"):
+        choose(scored, "cheapest")
+
+
+def test_the_written_escalation_is_one_the_engine_accepts():
+    chain = score_settings([candidate_outcomes({128: LOW, 256: HIGH, 576: TOP}, grid=[-0.3])], [(50.0, 10.0)])
+    block = escalation_config(next(s for s in chain if s.name == "128 -> 256 -> 576 below -0.3 / -0.3"))
+    assert block == {"below_logprob": {128: -0.3, 256: -0.3}, "to_budget": {128: 256, 256: 576}}
+    single = escalation_config(next(s for s in chain if s.name == "128 -> 576 below -0.3"))
+    assert single == {"below_logprob": -0.3, "to_budget": {128: 576}}
+    EngineConfig.model_validate({"escalation": block})
+    with pytest.raises(ValueError, match="plain budget"):
+        escalation_config(next(s for s in chain if s.name == "Max-128"))
+
+
+def _predictions(tmp_path, escalated=False, drop_one=False):
+    rows = []
+    for b, rung in ((128, LOW), (256, HIGH)):
+        for i in range(4):
+            if drop_one and b == 256 and i == 3:
+                continue
+            lp = None if math.isnan(rung.logprob[i]) else float(rung.logprob[i])
+            rows.append({"method": "qzoom", "budget": b, "id": f"r{3 - i}", "score": float(rung.score[i]),
+                         "answer_logprob": lp, "model_s": float(rung.seconds[i]),
+                         "error": "bad image" if rung.error[i] else None, "escalated": escalated})
+    for b, acc in ((576, [1, 0, 1, 0]), (1024, [1, 1, 1, 0])):
+        rows += [{"method": "baseline", "budget": b, "id": f"r{3 - i}", "score": float(s), "answer_logprob": -0.1,
+                  "model_s": 2.0, "error": None, "escalated": False} for i, s in enumerate(acc)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "predictions.parquet")
+    return tmp_path
+
+
+def test_a_run_reads_into_aligned_rungs_and_its_peak(tmp_path):
+    ladder, ref = read_run(_predictions(tmp_path))
+    assert sorted(ladder) == [128, 256] and ref.name == "baseline Max-1024" and ref.accuracy == 75.0
+    assert ref.seconds == 8.0
+    # Sorted by id (r0..r3 are LOW's records 3..0), and still the engine's answers.
+    assert escalate(ladder, [128, 256], [-0.5]).accuracy == 50.0
+    assert read_run(tmp_path, reference_budget=576)[1].accuracy == 50.0
+    with pytest.raises(ValueError, match="no baseline Max-64"):
+        read_run(tmp_path, reference_budget=64)
+
+
+def test_runs_that_cannot_be_simulated_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="--no-escalation"):
+        read_run(_predictions(tmp_path / "a", escalated=True))
+    with pytest.raises(ValueError, match="did not answer"):
+        read_run(_predictions(tmp_path / "b", drop_one=True))
+    with pytest.raises(FileNotFoundError):
+        read_run(tmp_path / "nowhere")
+
+
+def test_writing_keeps_the_rest_of_the_config(tmp_path):
+    src = tmp_path / "in.yaml"
+    src.write_text("model: {path: embedded:tiny}\nzoom: {mode: qzoom, gate_thresh: 0.5}\n")
+    out = write_escalation(src, tmp_path / "out.yaml", {"below_logprob": -0.3, "to_budget": {128: 256}}, "a test")
+    data = yaml.safe_load(out.read_text())
+    assert data["zoom"]["gate_thresh"] == 0.5 and data["escalation"]["to_budget"] == {128: 256}
+    assert out.read_text().startswith("# escalation written by a test")
+    assert EngineConfig.from_yaml(out).escalation.step(128) == (256, -0.3)
