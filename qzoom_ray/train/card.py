@@ -29,6 +29,9 @@ def stage_title(entry: dict[str, Any]) -> str:
     if entry["stage"] == "sft" and data.get("source") == "pseudo_labels":
         direct = " and direct rows of the base's own answers" if data.get("direct_rows") else ""
         return f"Stage 2: post-SFT (decoder layers + lm_head on crops of the stage-1 pseudo-RoI{direct}, {positions})"
+    if entry["stage"] == "sft" and data.get("select") == "zoomed":
+        return (f"Stage 2c: zoom decoder post-SFT (decoder layers + lm_head on every crop its own twig served, "
+                f"taught the ground truth; {positions})")
     if entry["stage"] == "sft":
         return STAGE_TITLES["sft"].format(positions=positions)
     if entry["stage"] == "rpn" and cfg.get("new_heads"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from qzoom_ray.config import StrictModel
 from qzoom_ray.train.common import DataPaths, read_rows
@@ -99,8 +99,21 @@ class SftJob(StrictModel):
         "direct answers that the judge passed). Stage 2 trains every decoder layer, and with zoomed rows alone "
         "the ungated path drifts; the authors' stage 2 has none.",
     )
+    select: Literal["regressions", "zoomed"] = Field(
+        "regressions",
+        description="Which mined rows are trained on (source: mined). regressions: the paper's (+ improvements at "
+        "mixing_ratio). zoomed: every row the RoI path zoomed, taught the ground truth (mine.target: "
+        "ground_truth), for a model served with a direct route, whose decoder answers zoomed records only.",
+    )
     mine: MineConfig
     train: SftConfig
+
+    @model_validator(mode="after")
+    def _zoomed_rows_learn_the_ground_truth(self) -> SftJob:
+        if self.select == "zoomed" and (self.source != "mined" or self.mine.target != "ground_truth"):
+            # A row wrong on both paths has no correct base answer to teach; only the ground truth is a target.
+            raise ValueError("select: zoomed needs source: mined and mine.target: ground_truth")
+        return self
 
 
 def mine_regressions(job: SftJob) -> dict[str, Any]:
@@ -142,6 +155,7 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
         mined_direct_rows,
         pseudo_roi_rows,
         select_training_rows,
+        select_zoomed_rows,
         sft_training_table,
         train_sft,
     )
@@ -160,11 +174,13 @@ def train_on_mined(job: SftJob) -> dict[str, Any]:
     else:
         # Only the miner's part files: earlier runs left training/ and direct*/ sub-folders beside them.
         rows = read_rows(sorted(str(p) for p in Path(job.mined).glob("*.parquet")))
-        picked = select_training_rows(rows, job.mixing_ratio, job.train.seed)
+        picked = (select_zoomed_rows(rows) if job.select == "zoomed"
+                  else select_training_rows(rows, job.mixing_ratio, job.train.seed))
         direct = mined_direct_rows(rows, round(job.direct_replay * len(picked)), job.train.seed) if picked else []
         kinds = [r["kind"] for r in rows]
         summary = {"mined": len(rows), "regressions": kinds.count("regression"),
-                   "improvements": kinds.count("improvement"), "direct_rows": len(direct),
+                   "improvements": kinds.count("improvement"), "select": job.select,
+                   "zoomed_wrong": sum(1 for r in picked if not r.get("roi_ok")), "direct_rows": len(direct),
                    "training_rows": len(picked) + len(direct), "judge": job.mine.judge}
         picked = picked + direct
     if not picked:

@@ -160,6 +160,16 @@ def select_training_rows(rows: list[dict[str, Any]], mixing_ratio: float, seed: 
     return reg + [imp[int(i)] for i in rng.choice(len(imp), size=n, replace=False)] if n else reg
 
 
+def select_zoomed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every mined row the RoI path actually zoomed, right or wrong, each taught its ``target`` (beyond the paper).
+
+    For a checkpoint served with a direct route (``ModelConfig.direct_route_path``), whose own decoder answers
+    zoomed records only: it is tuned on the crops its twig serves, and records the gate does not zoom cannot
+    drift, since another decoder answers them. Rows right on both paths keep what the zoom pass already reads.
+    """
+    return [r for r in rows if r.get("roi_route") == "zoom" and str(r.get("target") or "").strip()]
+
+
 # ---------------------------------------------------------------------------------------------- training
 # One stage-2 training row, whatever its source: a row with ``roi_box_norm`` is cropped at that box, a ``direct``
 # row is answered from the global view alone, any other row is cropped where the twig points (as served).

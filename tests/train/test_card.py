@@ -15,6 +15,9 @@ def test_stage_titles_name_the_data_and_the_refit():
     pseudo = stage_title({"stage": "sft", "data": {"source": "pseudo_labels", "direct_rows": 0}})
     assert "pseudo-RoI" in pseudo and "direct rows" not in pseudo
     assert "direct rows" in stage_title({"stage": "sft", "data": {"source": "pseudo_labels", "direct_rows": 5}})
+    zoomed = stage_title({"stage": "sft", "data": {"source": "mined", "select": "zoomed"}})
+    assert "every crop its own twig served" in zoomed and "ground truth" in zoomed
+    assert stage_title({"stage": "sft", "data": {"source": "mined", "select": "regressions"}}) == mined
     assert stage_title({"stage": "rpn", "config": {"twig_init": True}}) == STAGE_TITLES["rpn"]
     assert "refit" in stage_title({"stage": "rpn", "config": {"twig_init": False}})
     rebuilt = stage_title({"stage": "rpn", "config": {"twig_init": True, "new_heads": True, "twig_K": 0, "twig_T": 2}})

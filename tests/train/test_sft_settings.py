@@ -51,3 +51,30 @@ def test_mining_uses_the_serving_box_rule_and_the_checkpoints_positions(monkeypa
     assert zoom.min_pixels == zoom.max_pixels == 256 * 28**2 and zoom.gate_thresh == 0.0
     assert zoom.reuse_src_pos is None  # the checkpoint's own positions, as served
     assert sft.engine_config(ModelConfig(path="x"), "qzoom", 128).zoom.roi_max_downscale is None
+
+
+def test_zoomed_selection_keeps_every_zoomed_row_right_or_wrong_and_nothing_else():
+    rows = [
+        {"id": "reg", "roi_route": "zoom", "kind": "regression", "roi_ok": False, "target": "7"},
+        {"id": "both-wrong", "roi_route": "zoom", "kind": "same", "roi_ok": False, "target": "3"},
+        {"id": "both-right", "roi_route": "zoom", "kind": "same", "roi_ok": True, "target": "red"},
+        {"id": "fallback", "roi_route": "fallback", "kind": "same", "roi_ok": True, "target": "2"},
+        {"id": "no-target", "roi_route": "zoom", "kind": "same", "roi_ok": False, "target": " "},
+    ]
+    assert [r["id"] for r in sft.select_zoomed_rows(rows)] == ["reg", "both-wrong", "both-right"]
+    # The paper's selection on the same rows: the regression only.
+    assert [r["id"] for r in sft.select_training_rows(rows, 0.0, seed=0)] == ["reg"]
+
+
+def test_zoomed_selection_needs_mined_rows_taught_the_ground_truth():
+    import pytest
+
+    from qzoom_ray.train.datajobs import SftJob
+
+    base = {"questions": "q", "mined": "m", "select": "zoomed", "train": {"init_from": "x", "data_path": "d", "out_dir": "o"},
+            "mine": {"model": {"path": "x"}, "target": "ground_truth"}}
+    assert SftJob.model_validate(base).select == "zoomed"
+    with pytest.raises(ValueError, match="ground_truth"):
+        SftJob.model_validate({**base, "mine": {"model": {"path": "x"}, "target": "base"}})
+    with pytest.raises(ValueError, match="source: mined"):
+        SftJob.model_validate({**base, "source": "pseudo_labels", "pseudo_labels": "p"})
