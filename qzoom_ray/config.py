@@ -219,6 +219,11 @@ class EngineConfig(StrictModel):
     zoom: ZoomConfig = Field(default_factory=ZoomConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     max_batch_size: int = Field(8, ge=1, description="Records per forward pass inside the engine.")
+    generate_window: int = Field(
+        64, ge=1,
+        description="Records engine.generate prepares and holds at a time (decoded images, pixel values): a long "
+        "list is answered window by window, so memory does not grow with the list.",
+    )
     max_image_pixels: int = Field(
         200_000_000, gt=0, description="Decompression-bomb guard: larger decoded images are rejected."
     )

@@ -52,6 +52,11 @@ def _internal_error(item, exc: Exception) -> EngineResult:
 def run_records(
     engine: QZoomEngine, records: Sequence[EngineRecord], return_logits: bool = False
 ) -> list[EngineResult]:
+    window = max(engine.config.generate_window, engine.config.max_batch_size)
+    if len(records) > window:
+        # Every prepared record holds its decoded image until its window is answered: 600 large pages at once
+        # took over 24 GiB. Batches still sort by length, within each window.
+        return [res for part in chunks(records, window) for res in run_records(engine, part, return_logits)]
     results, decoded = _run_once(engine, records, return_logits)
     if engine.config.escalation is not None:
         results = _escalate(engine, records, results, decoded, return_logits)

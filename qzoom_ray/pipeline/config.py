@@ -7,6 +7,8 @@ resources.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Literal
 
@@ -145,3 +147,10 @@ class BatchJobConfig(StrictModel):
 class _ResultKey(StrictModel):
     engine: EngineConfig
     input: InputConfig
+
+    def fingerprint(self) -> str:
+        # generate_window only bounds engine.generate's memory (the job's stages answer their own batches), so
+        # an output written before it existed, or with another window, may still be resumed.
+        data = self.model_dump(mode="json")
+        data["engine"].pop("generate_window", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

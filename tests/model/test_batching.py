@@ -105,3 +105,36 @@ def test_baseline_mode_is_a_plain_single_pass(tiny_model_dir, engines):
     assert b.route == "baseline" and b.gate_score is None and b.coarse_visual_tokens <= 64
     assert b.token_ids == g.token_ids
     torch.testing.assert_close(b.first_logits, g.first_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_long_list_is_answered_window_by_window_with_the_same_answers(engines, monkeypatch):
+    batched, _ = engines
+    records = mixed_records() * 2
+    records = [EngineRecord(f"{r.id}-{i}", r.image, r.question, gate_thresh=r.gate_thresh, roi_thresh=r.roi_thresh,
+                            max_new_tokens=r.max_new_tokens) for i, r in enumerate(records)]
+    whole = batched.generate(records)
+    windowed = QZoomEngine(batched.config.model_copy(update={"generate_window": 2, "max_batch_size": 2}),
+                           loaded=batched.loaded)
+    held, peak = [], [0]
+    real_prepare = windowed.prepare
+
+    def counting_prepare(rec):
+        held.append(rec.id)
+        peak[0] = max(peak[0], len(held))
+        return real_prepare(rec)
+
+    import qzoom_ray.model.driver as driver
+
+    real_run_once = driver._run_once
+
+    def run_once(engine, recs, return_logits=False):
+        out = real_run_once(engine, recs, return_logits)
+        held.clear()  # the window is answered: its prepared records are released
+        return out
+
+    monkeypatch.setattr(windowed, "prepare", counting_prepare)
+    monkeypatch.setattr(driver, "_run_once", run_once)
+    out = windowed.generate(records)
+    assert peak[0] == 2  # never more than one window prepared at a time
+    assert [r.id for r in out] == [r.id for r in records]
+    assert [(r.route, r.answer, r.error) for r in out] == [(r.route, r.answer, r.error) for r in whole]

@@ -80,3 +80,11 @@ def test_files_without_manifest_are_not_resumed_into(tmp_path):
     cfg = BatchJobConfig.model_validate({"output": {"path": str(tmp_path)}})
     with pytest.raises(ResumeError, match="no _qzoom_job.json"):
         prepare_output(cfg)
+
+
+def test_the_result_fingerprint_ignores_what_only_bounds_memory_or_speed():
+    cfg = BatchJobConfig.from_yaml(REPO / "configs" / "local.yaml")
+    same = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"generate_window": 7})})
+    assert same.result_fingerprint() == cfg.result_fingerprint()
+    other = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"escalation": None})})
+    assert other.result_fingerprint() != cfg.result_fingerprint()
