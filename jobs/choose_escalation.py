@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     scored = score_settings([candidate_outcomes(ladder, args.grid) for ladder, _ in read],
                             [(ref.accuracy, ref.seconds) for _, ref in read])
     choice = choose(scored, args.rule, args.min_speedup, args.max_drop)
-    rank = sorted(scored, key=lambda s: ((min(s.margins), min(s.speedups)) if args.rule == "accuracy"
-                                         else (min(s.speedups), min(s.margins))), reverse=True)
+    qualifies = (lambda s: min(s.speedups) >= args.min_speedup) if args.rule == "accuracy" else (
+        lambda s: min(s.margins) >= -args.max_drop)
+    # The settings the rule may pick first, each group best first by the rule's own order.
+    rank = sorted(scored, key=lambda s: (qualifies(s), *((min(s.margins), min(s.speedups)) if args.rule == "accuracy"
+                                                        else (min(s.speedups), min(s.margins)))), reverse=True)
     print("\n| setting | " + " | ".join(f"{r.name}: points, speed-up, re-answered" for r in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for s in rank[: args.top]:
