@@ -78,3 +78,32 @@ def test_zoomed_selection_needs_mined_rows_taught_the_ground_truth():
         SftJob.model_validate({**base, "mine": {"model": {"path": "x"}, "target": "base"}})
     with pytest.raises(ValueError, match="source: mined"):
         SftJob.model_validate({**base, "source": "pseudo_labels", "pseudo_labels": "p"})
+
+
+def test_the_zoomed_selection_writes_every_zoomed_row_with_its_ground_truth(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qzoom_ray.train.datajobs import SftJob, train_on_mined
+
+    def mined(i, route, base_ok, roi_ok, target):
+        return {"id": f"q{i}", "image": b"png", "question": "Total?", "answers": ["7"], "base_prediction": "3",
+                "roi_prediction": "5", "base_ok": base_ok, "roi_ok": roi_ok, "roi_route": route,
+                "kind": "regression" if base_ok and not roi_ok else "same", "target": target}
+
+    (tmp_path / "mined").mkdir()
+    pq.write_table(pa.Table.from_pylist([mined(0, "zoom", True, False, "7"), mined(1, "zoom", False, False, "7"),
+                                         mined(2, "fallback", False, False, "7"), mined(3, "zoom", True, True, "7")]),
+                   tmp_path / "mined" / "part-0.parquet")
+    seen = {}
+    monkeypatch.setattr(sft, "train_sft", lambda cfg, summary: seen.update(cfg=cfg, summary=summary) or summary)
+    job = SftJob.model_validate({
+        "questions": "q", "mined": str(tmp_path / "mined"), "select": "zoomed",
+        "mine": {"model": {"path": "x"}, "target": "ground_truth"},
+        "train": {"init_from": "x", "data_path": "set-by-the-job", "out_dir": "o"},
+    })
+    summary = train_on_mined(job)
+    rows = pq.read_table(seen["cfg"].data_path).to_pylist()
+    assert sorted(r["id"] for r in rows) == ["q0", "q1", "q3"]  # the fallback answered directly: not a zoom verdict
+    assert {r["target"] for r in rows} == {"7"} and all(r["roi_box_norm"] is None for r in rows)
+    assert (summary["select"], summary["zoomed_wrong"], summary["training_rows"]) == ("zoomed", 2, 3)
