@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, help="comma-separated jobs/evaluate.py output folders, one per set")
     p.add_argument("--reference-budget", type=int, help="baseline Max-N to judge against (default: each run's peak)")
-    p.add_argument("--grid", type=_grid, default=list(DEFAULT_GRID), help="thresholds tried per step")
+    p.add_argument("--grid", type=_grid, default=list(DEFAULT_GRID), help="thresholds tried per step, comma-separated; write --grid=-0.1,-0.5 (a bare value starting with - reads as an option)")
     p.add_argument("--rule", choices=["accuracy", "speed"], default="accuracy")
     p.add_argument("--min-speedup", type=float, default=4.0, help="--rule accuracy: least speed-up on every set")
     p.add_argument("--max-drop", type=float, default=0.5, help="--rule speed: most points below the reference")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qzoom_ray.eval.escalation import candidate_outcomes, choose, escalation_config, score_settings
+    from qzoom_ray.eval.escalation import candidate_outcomes, choose, escalation_config, rank, score_settings
     from qzoom_ray.eval.escalation_runs import read_run, write_escalation
 
     runs = [Path(r) for r in args.runs.split(",") if r.strip()]
@@ -57,17 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r}: Q-Zoom Max-{'/'.join(map(str, sorted(ladder)))}, reference {ref.name} {ref.accuracy:.1f} %")
     scored = score_settings([candidate_outcomes(ladder, args.grid) for ladder, _ in read],
                             [(ref.accuracy, ref.seconds) for _, ref in read])
+    ranked = rank(scored, args.rule, args.min_speedup, args.max_drop)  # the settings the rule may pick first
     choice = choose(scored, args.rule, args.min_speedup, args.max_drop)
-    qualifies = (lambda s: min(s.speedups) >= args.min_speedup) if args.rule == "accuracy" else (
-        lambda s: min(s.margins) >= -args.max_drop)
-    # The settings the rule may pick first, each group best first by the rule's own order.
-    rank = sorted(scored, key=lambda s: (qualifies(s), *((min(s.margins), min(s.speedups)) if args.rule == "accuracy"
-                                                        else (min(s.speedups), min(s.margins)))), reverse=True)
-    print("\n| setting | " + " | ".join(f"{r.name}: points, speed-up, re-answered" for r in runs) + " |")
-    print("|---|" + "---|" * len(runs))
-    for s in rank[: args.top]:
+    print("\n| setting | rule may pick | " + " | ".join(f"{r.name}: points, speed-up, re-answered" for r in runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    for s, ok in ranked[: args.top]:
         cells = [f"{m:+.1f}, {x:.2f}x, {e:.0%}" for m, x, e in zip(s.margins, s.speedups, s.escalated, strict=True)]
-        print(f"| {s.name} | " + " | ".join(cells) + " |")
+        print(f"| {s.name} | {'yes' if ok else 'no'} | " + " | ".join(cells) + " |")
     if choice is None:
         print(f"\nno setting meets --rule {args.rule} on every set", file=sys.stderr)
         return 1
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "rule": args.rule, "min_speedup": args.min_speedup, "max_drop": args.max_drop,
             "runs": [str(r) for r in runs], "references": [ref.name for _, ref in read],
             "choice": choice.__dict__ | {"escalation": block},
-            "settings": [s.__dict__ for s in rank],
+            "settings": [s.__dict__ | {"qualifies": ok} for s, ok in ranked],
         }, indent=2))
     return 0
 

@@ -36,8 +36,17 @@ class StrictModel(BaseModel):
 
     def fingerprint(self) -> str:
         """Short stable hash of the resolved config (used to guard resumes and label outputs)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return fingerprint_of(self.model_dump(mode="json"))
+
+
+def fingerprint_of(data: dict[str, Any]) -> str:
+    """Short stable hash of a config's JSON dump."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_section(data: dict[str, Any]) -> dict[str, Any]:
+    """The engine config inside a loaded YAML: its ``engine:`` section (a job config), else the whole file."""
+    return data["engine"] if isinstance(data.get("engine"), dict) else data
 
 
 def with_absolute_init(cfg: Any) -> Any:

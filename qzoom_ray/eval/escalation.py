@@ -118,25 +118,34 @@ def score_settings(per_set: Sequence[Sequence[Outcome]], references: Sequence[tu
     return out
 
 
-def choose(scored: Sequence[Scored], rule: str, min_speedup: float = 4.0, max_drop: float = 0.5) -> Scored | None:
-    """The setting a rule picks, judged by its worst set; None where no setting qualifies.
+def rank(scored: Sequence[Scored], rule: str, min_speedup: float = 4.0,
+         max_drop: float = 0.5) -> list[tuple[Scored, bool]]:
+    """Every setting with whether the rule may pick it, best first by the rule's order; each judged by its worst set.
 
-    * ``accuracy``: among settings at least ``min_speedup`` x the reference on every set, the highest worst-case
-      margin (ties: the higher worst-case speed-up);
-    * ``speed``: among settings no more than ``max_drop`` points below the reference on every set, the highest
-      worst-case speed-up (ties: the higher worst-case margin).
+    * ``accuracy``: settings at least ``min_speedup`` x the reference on every set qualify; the higher worst-case
+      margin ranks first (ties: the higher worst-case speed-up);
+    * ``speed``: settings no more than ``max_drop`` points below the reference on every set qualify; the higher
+      worst-case speed-up ranks first (ties: the higher worst-case margin).
     """
     if rule == "accuracy":
-        ok = [s for s in scored if min(s.speedups) >= min_speedup]
-        return max(ok, key=lambda s: (min(s.margins), min(s.speedups)), default=None)
-    if rule == "speed":
-        ok = [s for s in scored if min(s.margins) >= -max_drop]
-        return max(ok, key=lambda s: (min(s.speedups), min(s.margins)), default=None)
-    raise ValueError(f"rule must be 'accuracy' or 'speed', got {rule!r}")
+        def key(s: Scored) -> tuple[bool, float, float]:
+            return min(s.speedups) >= min_speedup, min(s.margins), min(s.speedups)
+    elif rule == "speed":
+        def key(s: Scored) -> tuple[bool, float, float]:
+            return min(s.margins) >= -max_drop, min(s.speedups), min(s.margins)
+    else:
+        raise ValueError(f"rule must be 'accuracy' or 'speed', got {rule!r}")
+    return [(s, key(s)[0]) for s in sorted(scored, key=key, reverse=True)]
+
+
+def choose(scored: Sequence[Scored], rule: str, min_speedup: float = 4.0, max_drop: float = 0.5) -> Scored | None:
+    """The setting the rule picks (the first of :func:`rank`); None where no setting qualifies."""
+    ranked = rank(scored, rule, min_speedup, max_drop)
+    return ranked[0][0] if ranked and ranked[0][1] else None
 
 
 def escalation_config(choice: Scored) -> dict:
-    """The ``escalation:`` block serving ``choice`` (None for a plain budget: nothing to escalate)."""
+    """The ``escalation:`` block serving ``choice``; a plain budget has none and is refused."""
     if len(choice.steps) < 2:
         raise ValueError(f"{choice.name} is a plain budget, not an escalation")
     hops = dict(zip(choice.steps[:-1], choice.steps[1:], strict=True))

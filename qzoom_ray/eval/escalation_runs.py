@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import yaml
 
+from qzoom_ray.config import engine_section
 from qzoom_ray.eval.escalation import Rung
 
 _COLUMNS = ["method", "budget", "id", "score", "answer_logprob", "model_s", "error", "escalated"]
@@ -70,8 +71,7 @@ def write_escalation(config_in: str | Path, config_out: str | Path, block: dict[
     """Set ``escalation`` at the top level, or under ``engine:``, of a YAML config; the rest is kept."""
     src = Path(config_in)
     data = (yaml.safe_load(src.read_text()) or {}) if src.exists() else {}
-    holder = data["engine"] if isinstance(data.get("engine"), dict) else data
-    holder["escalation"] = block
+    engine_section(data)["escalation"] = block
     out = Path(config_out)
     header = f"# escalation written by {note}\n" if note else ""
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))

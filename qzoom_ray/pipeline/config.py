@@ -7,14 +7,12 @@ resources.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from qzoom_ray.config import EngineConfig, StrictModel
+from qzoom_ray.config import EngineConfig, StrictModel, fingerprint_of
 
 
 class StorageConfig(StrictModel):
@@ -153,4 +151,4 @@ class _ResultKey(StrictModel):
         # an output written before it existed, or with another window, may still be resumed.
         data = self.model_dump(mode="json")
         data["engine"].pop("generate_window", None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint_of(data)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from qzoom_ray.config import engine_section
 from qzoom_ray.eval.metrics import score
 
 NEVER = 1.01  # a gate threshold above any probability: no record zooms
@@ -131,8 +132,7 @@ def direct_route_of(flag: str | None, config_in: str | Path | None) -> str | Non
     if config_in is None or not Path(config_in).exists():
         return None
     data = yaml.safe_load(Path(config_in).read_text()) or {}
-    holder = data["engine"] if isinstance(data.get("engine"), dict) else data
-    return (holder.get("model") or {}).get("direct_route_path")
+    return (engine_section(data).get("model") or {}).get("direct_route_path")
 
 
 def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: float, tau_roi: float,
@@ -143,7 +143,7 @@ def write_thresholds(config_in: str | Path, config_out: str | Path, tau_gate: fl
     goes to ``zoom.thresholds_by_budget[budget]`` instead; the mode, margin and cap are shared by every budget."""
     src = Path(config_in)
     data = (yaml.safe_load(src.read_text()) or {}) if src.exists() else {}
-    holder = data["engine"] if isinstance(data.get("engine"), dict) and "zoom" in data["engine"] else data
+    holder = engine_section(data)
     zoom = holder.setdefault("zoom", {})
     pair = {"gate_thresh": round(float(tau_gate), 6), "roi_thresh": round(float(tau_roi), 6)}
     if budget is None:

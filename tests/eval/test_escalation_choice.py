@@ -17,6 +17,7 @@ from qzoom_ray.eval.escalation import (
     choose,
     escalate,
     escalation_config,
+    rank,
     score_settings,
 )
 from qzoom_ray.eval.escalation_runs import read_run, write_escalation
@@ -73,6 +74,12 @@ def test_rules_judge_a_setting_by_its_worst_set():
     assert choose(scored, "speed", max_drop=50.0).name == "Max-128"
     with pytest.raises(ValueError, match="rule"):
         choose(scored, "cheapest")
+    # The ranking the job prints: settings the rule may pick first, the choice at the top.
+    ranked = rank(scored, "accuracy", min_speedup=1.0)
+    assert ranked[0] == (choose(scored, "accuracy", min_speedup=1.0), True)
+    flags = [ok for _, ok in ranked]
+    assert flags == sorted(flags, reverse=True) and not flags[-1]
+    assert {s.name for s, ok in ranked if not ok} == {"Max-256"}  # 0.83x on set 2
 
 
 def test_the_written_escalation_is_one_the_engine_accepts():
@@ -133,3 +140,26 @@ def test_writing_keeps_the_rest_of_the_config(tmp_path):
     assert data["zoom"]["gate_thresh"] == 0.5 and data["escalation"]["to_budget"] == {128: 256}
     assert out.read_text().startswith("# escalation written by a test")
     assert EngineConfig.from_yaml(out).escalation.step(128) == (256, -0.3)
+
+
+def test_the_job_writes_the_choice_into_the_config_and_the_report(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "choose_escalation", Path(__file__).resolve().parents[2] / "jobs" / "choose_escalation.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    run = _predictions(tmp_path)
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text("model: {path: embedded:tiny}\n")
+    rc = job.main(["--runs", str(run), "--grid=-0.05,-0.5", "--min-speedup", "1.0",
+                   "--config-in", str(cfg), "--config-out", str(cfg), "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    # One set, reference Max-1024 (75 %, 8 s): 128 -> 256 below -0.5 scores 50 % in 7 s; Max-256 is slower than 1x.
+    assert EngineConfig.from_yaml(cfg).escalation.step(128) == (256, -0.5)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["choice"]["escalation"] == {"below_logprob": -0.5, "to_budget": {"128": 256}}
+    assert report["settings"][0]["qualifies"] and "chosen (accuracy): 128 -> 256 below -0.5" in capsys.readouterr().out
+    assert job.main(["--runs", str(run), "--min-speedup", "50"]) == 1  # nothing that fast: said, not guessed
