@@ -20,6 +20,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qzoom_ray.eval.escalation import Rung, Scored
+    from qzoom_ray.eval.escalation_runs import Reference
+    from qzoom_ray.eval.paired import PairedGap
 
 
 def _grid(text: str) -> list[float]:
@@ -46,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def chosen_intervals(choice: Scored, read: list[tuple[dict[int, Rung], Reference]]) -> list[PairedGap]:
+    """The chosen setting against each set's reference, record by record (``eval.paired``)."""
+    from qzoom_ray.eval.escalation import escalated_records
+    from qzoom_ray.eval.paired import paired_gap
+
+    out = []
+    for ladder, ref in read:
+        score, seconds, _ = escalated_records(ladder, choice.steps, choice.thresholds)
+        out.append(paired_gap(score, ref.record_scores, seconds, ref.record_seconds))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from qzoom_ray.eval.escalation import candidate_outcomes, choose, escalation_config, rank, score_settings
@@ -69,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\nchosen ({args.rule}): {choice.name}; worst set {min(choice.margins):+.1f} points at "
           f"{min(choice.speedups):.2f}x")
+    intervals = chosen_intervals(choice, read)
+    for r, gap in zip(runs, intervals, strict=True):
+        lo, hi = gap.gap_interval
+        print(f"  {r.name}: {gap.gap_points:+.1f} points [{lo:+.1f}, {hi:+.1f}], {gap.discordant} of {gap.n} "
+              f"records differ from the reference (95 % paired bootstrap; the choice itself was made on these sets)")
     block = escalation_config(choice) if len(choice.steps) > 1 else None
     if args.config_out:
         if block is None:
@@ -82,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.report).write_text(json.dumps({
             "rule": args.rule, "min_speedup": args.min_speedup, "max_drop": args.max_drop,
             "runs": [str(r) for r in runs], "references": [ref.name for _, ref in read],
-            "choice": choice.__dict__ | {"escalation": block},
+            "choice": choice.__dict__ | {"escalation": block, "intervals": [g.as_dict() for g in intervals]},
             "settings": [s.__dict__ | {"qualifies": ok} for s, ok in ranked],
         }, indent=2))
     return 0

@@ -59,6 +59,15 @@ class Outcome:
 
 def escalate(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float]) -> Outcome:
     """Answer at ``steps[0]``; an answer at ``steps[i]`` below ``thresholds[i]`` is answered again at ``steps[i+1]``."""
+    score, seconds, answered_again = escalated_records(ladder, steps, thresholds)
+    return Outcome(tuple(steps), tuple(float(t) for t in thresholds), 100.0 * float(score.mean()),
+                   float(seconds.sum()), float(answered_again.mean()))
+
+
+def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int],
+                      thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per record, under :func:`escalate`'s rule: the final answer's score, the model time of every answer the
+    record got, and whether it was answered again."""
     if len(thresholds) != len(steps) - 1:
         raise ValueError(f"{len(steps)} budgets need {len(steps) - 1} thresholds, got {len(thresholds)}")
     first = ladder[steps[0]]
@@ -75,8 +84,7 @@ def escalate(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Seque
             raise ValueError(f"Max-{budget} has {current.score.size} records, Max-{steps[0]} {score.size}")
         score = np.where(asked, current.score, score)
         seconds = seconds + np.where(asked, current.seconds, 0.0)
-    return Outcome(tuple(steps), tuple(float(t) for t in thresholds), 100.0 * float(score.mean()),
-                   float(seconds.sum()), float(answered_again.mean()))
+    return score, seconds, answered_again
 
 
 def candidate_outcomes(ladder: Mapping[int, Rung], grid: Sequence[float] = DEFAULT_GRID) -> list[Outcome]:

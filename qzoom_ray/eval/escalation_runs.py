@@ -20,6 +20,8 @@ class Reference:
     name: str
     accuracy: float  # %
     seconds: float  # model time over the set
+    record_scores: tuple[float, ...] = ()  # per record, in the ladder's order (for paired intervals)
+    record_seconds: tuple[float, ...] = ()
 
 
 def _rung(rows: list[dict[str, Any]]) -> Rung:
@@ -60,11 +62,12 @@ def read_run(run_dir: str | Path, reference_budget: int | None = None) -> tuple[
         reference_budget = max(by_budget, key=lambda b: (sum(r["score"] for r in by_budget[b]) / len(by_budget[b]), -b))
     if reference_budget not in by_budget:
         raise ValueError(f"{run_dir}: no baseline Max-{reference_budget}; it has {sorted(by_budget)}")
-    ref = by_budget[reference_budget]
-    if sorted(r["id"] for r in ref) != ids:
+    ref = sorted(by_budget[reference_budget], key=lambda r: r["id"])
+    if [r["id"] for r in ref] != ids:
         raise ValueError(f"{run_dir}: the baseline answered other records than Q-Zoom")
+    seconds = tuple(float(r["model_s"] or 0.0) for r in ref)
     return ladder, Reference(f"baseline Max-{reference_budget}", 100.0 * sum(r["score"] for r in ref) / len(ref),
-                             float(sum(r["model_s"] or 0.0 for r in ref)))
+                             sum(seconds), tuple(float(r["score"]) for r in ref), seconds)
 
 
 def write_escalation(config_in: str | Path, config_out: str | Path, block: dict[str, Any], note: str = "") -> Path:

@@ -162,4 +162,8 @@ def test_the_job_writes_the_choice_into_the_config_and_the_report(tmp_path, caps
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["choice"]["escalation"] == {"below_logprob": -0.5, "to_budget": {"128": 256}}
     assert report["settings"][0]["qualifies"] and "chosen (accuracy): 128 -> 256 below -0.5" in capsys.readouterr().out
+    # The chosen setting against the reference, record by record: 50 % against 75 %, in 7 s against 8 s.
+    (gap,) = report["choice"]["intervals"]
+    assert gap["n"] == 4 and gap["gap_points"] == -25.0 and math.isclose(gap["speedup"], 8.0 / 7.0)
+    assert gap["gap_interval"][0] <= -25.0 <= gap["gap_interval"][1]
     assert job.main(["--runs", str(run), "--min-speedup", "50"]) == 1  # nothing that fast: said, not guessed
