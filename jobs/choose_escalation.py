@@ -12,6 +12,14 @@ judged against the reference: by default each run's most accurate baseline budge
 highest worst-set margin over the reference among settings at least --min-speedup x as fast on every set;
 --rule speed the fastest within --max-drop points of the reference on every set. Fix the rule before looking at
 the test set.
+
+Timings on a busy or small machine drift between runs; repeats of a set's run joined with + (--runs a+a2,b+b2)
+count as one set whose model times are the repeats' means (their answers must be the same).
+
+Runs made with --crop-rereads (every zoomed answer also asked again on its RoI crop alone) add each setting with
+every crop re-read threshold of --grid (EscalationConfig.reread_crop_below):
+
+    python jobs/evaluate.py ... --no-escalation --crop-rereads --out runs/val-a
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from qzoom_ray.eval.escalation import DEFAULT_GRID
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", required=True, help="comma-separated jobs/evaluate.py output folders, one per set")
+    p.add_argument("--runs", required=True, help="comma-separated jobs/evaluate.py output folders, one per set; "
+                   "repeats of one set joined with + (a+a2,b+b2) have their model times averaged")
     p.add_argument("--reference-budget", type=int, help="baseline Max-N to judge against (default: each run's peak)")
     p.add_argument("--grid", type=_grid, default=list(DEFAULT_GRID), help="thresholds tried per step, comma-separated; write --grid=-0.1,-0.5 (a bare value starting with - reads as an option)")
     p.add_argument("--rule", choices=["accuracy", "speed"], default="accuracy")
@@ -52,14 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def chosen_intervals(choice: Scored, read: list[tuple[dict[int, Rung], Reference]]) -> list[PairedGap]:
+def chosen_intervals(choice: Scored, read: list[tuple[dict[int, Rung], Reference]],
+                     rereads: list[dict[int, Rung]]) -> list[PairedGap]:
     """The chosen setting against each set's reference, record by record (``eval.paired``)."""
     from qzoom_ray.eval.escalation import escalated_records
     from qzoom_ray.eval.paired import paired_gap
 
     out = []
-    for ladder, ref in read:
-        score, seconds, _ = escalated_records(ladder, choice.steps, choice.thresholds)
+    for (ladder, ref), rr in zip(read, rereads, strict=True):
+        score, seconds, _ = escalated_records(ladder, choice.steps, choice.thresholds, rr, choice.reread_below)
         out.append(paired_gap(score, ref.record_scores, seconds, ref.record_seconds))
     return out
 
@@ -67,13 +77,25 @@ def chosen_intervals(choice: Scored, read: list[tuple[dict[int, Rung], Reference
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from qzoom_ray.eval.escalation import candidate_outcomes, choose, escalation_config, rank, score_settings
-    from qzoom_ray.eval.escalation_runs import read_run, write_escalation
+    from qzoom_ray.eval.escalation_runs import averaged_repeats, read_rereads, read_run, write_escalation
 
-    runs = [Path(r) for r in args.runs.split(",") if r.strip()]
-    read = [read_run(r, args.reference_budget) for r in runs]
-    for r, (ladder, ref) in zip(runs, read, strict=True):
-        print(f"{r}: Q-Zoom Max-{'/'.join(map(str, sorted(ladder)))}, reference {ref.name} {ref.accuracy:.1f} %")
-    scored = score_settings([candidate_outcomes(ladder, args.grid) for ladder, _ in read],
+    sets = [[Path(r) for r in spec.split("+") if r.strip()] for spec in args.runs.split(",") if spec.strip()]
+    runs = [group[0] for group in sets]
+    merged = [averaged_repeats([(*read_run(r, args.reference_budget), read_rereads(r)) for r in group],
+                               [str(r) for r in group]) for group in sets]
+    read = [(ladder, ref) for ladder, ref, _ in merged]
+    rereads = [rr for _, _, rr in merged]
+    for group in sets:
+        if len(group) > 1:
+            print(f"{group[0]}: model times averaged over {len(group)} repeats ({', '.join(map(str, group))})")
+    if any(rereads) and not all(rereads):
+        print("warning: only some runs have crop re-reads (--crop-rereads); re-read settings are not scored",
+              file=sys.stderr)
+    for r, (ladder, ref), rr in zip(runs, read, rereads, strict=True):
+        extra = f"; crop re-reads at Max-{'/'.join(map(str, sorted(rr)))}" if rr else ""
+        print(f"{r}: Q-Zoom Max-{'/'.join(map(str, sorted(ladder)))}, reference {ref.name} {ref.accuracy:.1f} %{extra}")
+    scored = score_settings([candidate_outcomes(ladder, args.grid, rr) for (ladder, _), rr in zip(read, rereads,
+                                                                                                  strict=True)],
                             [(ref.accuracy, ref.seconds) for _, ref in read])
     ranked = rank(scored, args.rule, args.min_speedup, args.max_drop)  # the settings the rule may pick first
     choice = choose(scored, args.rule, args.min_speedup, args.max_drop)
@@ -87,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\nchosen ({args.rule}): {choice.name}; worst set {min(choice.margins):+.1f} points at "
           f"{min(choice.speedups):.2f}x")
-    intervals = chosen_intervals(choice, read)
+    intervals = chosen_intervals(choice, read, rereads)
     for r, gap in zip(runs, intervals, strict=True):
         lo, hi = gap.gap_interval
         print(f"  {r.name}: {gap.gap_points:+.1f} points [{lo:+.1f}, {hi:+.1f}], {gap.discordant} of {gap.n} "

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-escalation", action="store_true",
                    help="answer every Q-Zoom budget once, whatever the config's escalation says: the plain runs "
                    "jobs/choose_escalation.py chooses a threshold from")
+    p.add_argument("--crop-rereads", action="store_true",
+                   help="with --no-escalation: also ask every zoomed record again on its RoI crop alone (method "
+                   "qzoom_reread), so jobs/choose_escalation.py can score EscalationConfig.reread_crop_below")
     p.add_argument("--out", default="runs/eval")
     return p.parse_args(argv)
 
@@ -94,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         paper_qzoom_budget=args.paper_budget,
         save_roi_maps=not args.no_roi_maps,
         oracle_budgets=args.oracle_budgets,
+        crop_rereads=args.crop_rereads,
     )
+    if args.crop_rereads and not args.no_escalation:
+        print("error: --crop-rereads scores re-reads of plain answers: add --no-escalation", file=sys.stderr)
+        return 2
     rows = load_labelled(args.data, args.limit, args.metric)
     print(f"{len(rows)} records from {args.data}", flush=True)
     config = build_config(args)

@@ -199,6 +199,15 @@ class EscalationConfig(StrictModel):
         "Chains (128 -> 256 -> 576) are followed; other budgets never escalate.",
     )
 
+    reread_crop_below: float | None = Field(
+        None,
+        le=0.0,
+        description="Beyond the paper: an unsure answer from the zoom route is first asked again on its RoI crop "
+        "alone, as its own image at the same budget and answered directly (no gate, the direct route's decoder), "
+        "where a row's label is legible and the rows around it are gone. That answer stands unless its "
+        "log-probability is below this; then the record goes on to the larger budget. None: no re-read.",
+    )
+
     @model_validator(mode="after")
     def _larger_budgets(self) -> EscalationConfig:
         bad = {k: v for k, v in self.to_budget.items() if v <= k or k < 1}

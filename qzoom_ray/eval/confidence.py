@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qzoom_ray.eval.evaluate import ORACLE
+from qzoom_ray.eval.evaluate import ORACLE, REREAD
 
 #: Coverages reported in confidence.json: the most confident 10 %, 25 %, ... of the records.
 REPORTED_COVERAGES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -54,7 +54,7 @@ def confidence_curves(runs: Sequence[Any], coverages: Sequence[float]) -> dict[s
     curves = {}
     for run in runs:
         preds = run.predictions
-        if run.method == ORACLE or not preds or all(p.get("answer_logprob") is None for p in preds):
+        if run.method in (ORACLE, REREAD) or not preds or all(p.get("answer_logprob") is None for p in preds):
             continue
         scores = [p["score"] for p in preds]
         curves[f"{run.method} Max-{run.budget}"] = coverage_accuracy(

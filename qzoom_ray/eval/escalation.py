@@ -50,36 +50,60 @@ class Outcome:
     accuracy: float
     seconds: float
     escalated: float
+    reread_below: float | None = None
 
     @property
     def name(self) -> str:
         hops = " -> ".join(str(b) for b in self.steps)
-        return f"{hops} below {' / '.join(f'{t:g}' for t in self.thresholds)}" if self.thresholds else f"Max-{hops}"
+        if not self.thresholds:
+            return f"Max-{hops}"
+        reread = "" if self.reread_below is None else f", crop re-read below {self.reread_below:g}"
+        return f"{hops} below {' / '.join(f'{t:g}' for t in self.thresholds)}{reread}"
 
 
-def escalate(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float]) -> Outcome:
-    """Answer at ``steps[0]``; an answer at ``steps[i]`` below ``thresholds[i]`` is answered again at ``steps[i+1]``."""
-    score, seconds, answered_again = escalated_records(ladder, steps, thresholds)
+def escalate(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float],
+             rereads: Mapping[int, Rung] | None = None, reread_below: float | None = None) -> Outcome:
+    """Answer at ``steps[0]``; an answer at ``steps[i]`` below ``thresholds[i]`` is answered again at ``steps[i+1]``.
+
+    With ``reread_below`` (``EscalationConfig.reread_crop_below``) an unsure answer that has a crop re-read at its
+    budget in ``rereads`` takes the re-read's answer first, and goes on only where that is below ``reread_below``.
+    """
+    score, seconds, answered_again = escalated_records(ladder, steps, thresholds, rereads, reread_below)
     return Outcome(tuple(steps), tuple(float(t) for t in thresholds), 100.0 * float(score.mean()),
-                   float(seconds.sum()), float(answered_again.mean()))
+                   float(seconds.sum()), float(answered_again.mean()),
+                   None if reread_below is None else float(reread_below))
 
 
-def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int],
-                      thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float],
+                      rereads: Mapping[int, Rung] | None = None,
+                      reread_below: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per record, under :func:`escalate`'s rule: the final answer's score, the model time of every answer the
-    record got, and whether it was answered again."""
+    record got, and whether it was answered again.
+
+    A crop re-read rung holds an answer for the records the zoom route answered at its budget; the others are
+    marked as errors there (no re-read: they escalate as without one, like a re-read that failed in the engine).
+    """
     if len(thresholds) != len(steps) - 1:
         raise ValueError(f"{len(steps)} budgets need {len(steps) - 1} thresholds, got {len(thresholds)}")
     first = ladder[steps[0]]
     score, seconds = first.score.copy(), first.seconds.copy()
     asked = np.ones(score.size, bool)  # the records whose current answer is the latest rung's
     answered_again = np.zeros(score.size, bool)
-    current = first
+    current, at = first, steps[0]
     for budget, threshold in zip(steps[1:], thresholds, strict=True):
         # A NaN log-probability compares False: no answer to judge, no escalation (driver.is_unsure).
         asked = asked & ~current.error & (current.logprob < threshold)
+        reread = (rereads or {}).get(at) if reread_below is not None else None
+        if reread is not None:
+            if reread.score.size != score.size:
+                raise ValueError(f"the Max-{at} re-reads have {reread.score.size} records, not {score.size}")
+            took = asked & ~reread.error
+            score = np.where(took, reread.score, score)
+            seconds = seconds + np.where(took, reread.seconds, 0.0)
+            answered_again |= took
+            asked = (asked & reread.error) | (took & (reread.logprob < reread_below))
         answered_again |= asked
-        current = ladder[budget]
+        current, at = ladder[budget], budget
         if current.score.size != score.size:
             raise ValueError(f"Max-{budget} has {current.score.size} records, Max-{steps[0]} {score.size}")
         score = np.where(asked, current.score, score)
@@ -87,14 +111,19 @@ def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int],
     return score, seconds, answered_again
 
 
-def candidate_outcomes(ladder: Mapping[int, Rung], grid: Sequence[float] = DEFAULT_GRID) -> list[Outcome]:
-    """Every plain budget, every single step from the lowest budget, and every chain through all of them."""
+def candidate_outcomes(ladder: Mapping[int, Rung], grid: Sequence[float] = DEFAULT_GRID,
+                       rereads: Mapping[int, Rung] | None = None) -> list[Outcome]:
+    """Every plain budget, every single step from the lowest budget, and every chain through all of them; with
+    ``rereads``, each of those steps and chains again with every crop re-read threshold of ``grid``."""
     budgets = sorted(ladder)
     out = [escalate(ladder, [b], []) for b in budgets]
-    for hi in budgets[1:]:
-        out += [escalate(ladder, [budgets[0], hi], [t]) for t in grid]
+    paths = [([budgets[0], hi], [t]) for hi in budgets[1:] for t in grid]
     if len(budgets) > 2:
-        out += [escalate(ladder, budgets, list(ts)) for ts in itertools.product(grid, repeat=len(budgets) - 1)]
+        paths += [(budgets, list(ts)) for ts in itertools.product(grid, repeat=len(budgets) - 1)]
+    for steps, ts in paths:
+        out.append(escalate(ladder, steps, ts))
+        if rereads:
+            out += [escalate(ladder, steps, ts, rereads, r) for r in grid]
     return out
 
 
@@ -108,21 +137,22 @@ class Scored:
     margins: tuple[float, ...]  # accuracy - reference accuracy, points, one per set
     speedups: tuple[float, ...]  # reference seconds / setting seconds, one per set
     escalated: tuple[float, ...]
+    reread_below: float | None = None
 
 
 def score_settings(per_set: Sequence[Sequence[Outcome]], references: Sequence[tuple[float, float]]) -> list[Scored]:
     """Join each set's outcomes by setting. ``references``: (accuracy %, seconds) of the reference, per set."""
     if len(per_set) != len(references) or not per_set:
         raise ValueError("one list of outcomes and one reference per set")
-    by_key = [{(o.steps, o.thresholds): o for o in outs} for outs in per_set]
+    by_key = [{(o.steps, o.thresholds, o.reread_below): o for o in outs} for outs in per_set]
     keys = [k for k in by_key[0] if all(k in d for d in by_key[1:])]
     out = []
     for key in keys:
         outs = [d[key] for d in by_key]
-        out.append(Scored(outs[0].name, *key,
+        out.append(Scored(outs[0].name, key[0], key[1],
                           tuple(o.accuracy - ref_acc for o, (ref_acc, _) in zip(outs, references, strict=True)),
                           tuple(ref_s / o.seconds for o, (_, ref_s) in zip(outs, references, strict=True)),
-                          tuple(o.escalated for o in outs)))
+                          tuple(o.escalated for o in outs), key[2]))
     return out
 
 
@@ -158,4 +188,7 @@ def escalation_config(choice: Scored) -> dict:
         raise ValueError(f"{choice.name} is a plain budget, not an escalation")
     hops = dict(zip(choice.steps[:-1], choice.steps[1:], strict=True))
     below = dict(zip(choice.steps[:-1], choice.thresholds, strict=True))
-    return {"below_logprob": below[choice.steps[0]] if len(below) == 1 else below, "to_budget": hops}
+    block = {"below_logprob": below[choice.steps[0]] if len(below) == 1 else below, "to_budget": hops}
+    if choice.reread_below is not None:
+        block["reread_crop_below"] = choice.reread_below
+    return block

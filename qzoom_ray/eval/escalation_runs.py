@@ -70,6 +70,63 @@ def read_run(run_dir: str | Path, reference_budget: int | None = None) -> tuple[
                              sum(seconds), tuple(float(r["score"]) for r in ref), seconds)
 
 
+def read_rereads(run_dir: str | Path) -> dict[int, Rung]:
+    """The crop re-reads of a run (``evaluate.py --crop-rereads``) by Q-Zoom budget, aligned with
+    :func:`read_run`'s ladder (records sorted by id); a record without a re-read at a budget is an error there.
+    Empty for a run without re-reads."""
+    path = Path(run_dir) / "predictions.parquet"
+    names = set(pq.read_schema(path).names)
+    rows = pq.read_table(path, columns=[c for c in _COLUMNS if c in names]).to_pylist()
+    budgets = sorted({int(r["budget"]) for r in rows if r["method"] == "qzoom"})
+    if not budgets:
+        return {}
+    ids = sorted(r["id"] for r in rows if r["method"] == "qzoom" and r["budget"] == budgets[0])
+    out = {}
+    for b in budgets:
+        got = {r["id"]: r for r in rows if r["method"] == "qzoom_reread" and int(r["budget"]) == b}
+        if not got:
+            continue
+        if not set(got) <= set(ids):
+            raise ValueError(f"{run_dir}: Max-{b} re-reads of records Q-Zoom did not answer")
+        missing = {"score": 0.0, "answer_logprob": None, "model_s": 0.0, "error": "no re-read"}
+        out[b] = _rung([got.get(i, missing) for i in ids])
+    return out
+
+
+def averaged_repeats(
+    repeats: list[tuple[dict[int, Rung], Reference, dict[int, Rung]]], names: list[str]
+) -> tuple[dict[int, Rung], Reference, dict[int, Rung]]:
+    """Runs of one set repeated for timing, as one run whose model times are the repeats' means.
+
+    A 2-core CPU's timings drift by 15-20 % between runs of the same work, enough to move a setting across a
+    speed-up rule; averaging repeats narrows that. The answers must be the same in every repeat (the engine is
+    deterministic), or the runs are not repeats of one set.
+    """
+    (ladder, ref, rereads), rest = repeats[0], repeats[1:]
+    if not rest:
+        return repeats[0]
+
+    def mean_rung(rungs: list[Rung], what: str) -> Rung:
+        first = rungs[0]
+        for other, name in zip(rungs[1:], names[1:], strict=True):
+            same = (other.score.shape == first.score.shape and (other.score == first.score).all()
+                    and (other.error == first.error).all())
+            if not same:
+                raise ValueError(f"{name}: {what} answers differ from {names[0]}'s: not a repeat of the same run")
+        return Rung(first.score, first.logprob, sum(r.seconds for r in rungs) / len(rungs), first.error)
+
+    for (lad, _, rr), name in zip(rest, names[1:], strict=True):
+        if sorted(lad) != sorted(ladder) or sorted(rr) != sorted(rereads):
+            raise ValueError(f"{name}: other budgets than {names[0]}: not a repeat of the same run")
+    ladder = {b: mean_rung([r[0][b] for r in repeats], f"Max-{b}") for b in ladder}
+    rereads = {b: mean_rung([r[2][b] for r in repeats], f"Max-{b} re-read") for b in rereads}
+    refs = [r[1] for r in repeats]
+    if any(r.record_scores != ref.record_scores or r.name != ref.name for r in refs):
+        raise ValueError(f"the references of {', '.join(names)} differ: not repeats of the same run")
+    record_seconds = tuple(sum(vals) / len(vals) for vals in zip(*(r.record_seconds for r in refs), strict=True))
+    return ladder, Reference(ref.name, ref.accuracy, sum(record_seconds), ref.record_scores, record_seconds), rereads
+
+
 def write_escalation(config_in: str | Path, config_out: str | Path, block: dict[str, Any], note: str = "") -> Path:
     """Set ``escalation`` at the top level, or under ``engine:``, of a YAML config; the rest is kept."""
     src = Path(config_in)

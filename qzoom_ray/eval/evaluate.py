@@ -26,7 +26,7 @@ from qzoom_ray.model.state import EngineRecord, EngineResult
 
 logger = logging.getLogger(__name__)
 
-BASELINE, QZOOM, ORACLE = "baseline", "qzoom", "qzoom_oracle"
+BASELINE, QZOOM, ORACLE, REREAD = "baseline", "qzoom", "qzoom_oracle", "qzoom_reread"
 
 
 class EvalSettings(StrictModel):
@@ -55,6 +55,13 @@ class EvalSettings(StrictModel):
         description="Budgets of Q-Zoom's second pass on the ground-truth evidence box (every record zoomed, no gate, "
         "no twig): the accuracy the RPN could buy with perfect boxes. Rows without an evidence box get an error. "
         "Its records/s leave out the coarse pass and are not used for speedups.",
+    )
+    crop_rereads: bool = Field(
+        False,
+        description="After each Q-Zoom budget, ask every zoom-route record again on its RoI crop alone (the pass of "
+        "EscalationConfig.reread_crop_below, asked of every zoomed record whatever its confidence), as method "
+        "qzoom_reread: jobs/choose_escalation.py scores re-read thresholds from them. Only those records are "
+        "in it, and it is not used for speedups. Needs a config without escalation.",
     )
 
 
@@ -218,7 +225,39 @@ def run_evaluation(
             keep = method == QZOOM and settings.save_roi_maps
             preds = [prediction_row(method, budget, r, res, keep) for r, res in zip(rows, results, strict=True)]
             runs.append(SettingRun(method, budget, wall, preds))
+            if method == QZOOM and settings.crop_rereads:
+                runs.append(crop_reread_run(engine, rows, records, results, budget))
             if progress:
-                acc = 100 * sum(p["score"] for p in preds) / max(1, len(preds))
-                progress(f"{method:<8} Max-{budget:<5} acc {acc:5.1f}  {len(rows) / wall:6.2f} rec/s (wall)")
+                for run in runs[-2 if method == QZOOM and settings.crop_rereads else -1:]:
+                    n = max(1, len(run.predictions))
+                    acc = 100 * sum(p["score"] for p in run.predictions) / n
+                    progress(f"{run.method:<8} Max-{budget:<5} acc {acc:5.1f}  {n / run.wall_s:6.2f} rec/s (wall)"
+                             + (f"  ({n} zoomed records)" if run.method == REREAD else ""))
     return runs
+
+
+def crop_reread_run(engine: Any, rows: Sequence[LabelledRow], records: Sequence[EngineRecord],
+                    results: Sequence[EngineResult], budget: int) -> SettingRun:
+    """Every zoom-route record of a Q-Zoom setting asked again on its RoI crop alone (``driver.crop_record``)."""
+    from qzoom_ray.images import load_image
+    from qzoom_ray.model import driver
+
+    if engine.config.escalation is not None:
+        raise ValueError("crop re-reads are scored from plain answers: evaluate without escalation")
+    todo, crops = [], []
+    for i, (row, rec, res) in enumerate(zip(rows, records, results, strict=True)):
+        if res.route != "zoom" or res.error is not None:
+            continue
+        image = load_image(row.image, max_pixels=engine.config.max_image_pixels,
+                           max_aspect_ratio=engine.config.max_aspect_ratio)
+        crop = driver.crop_record(rec, res, image)
+        if crop is not None:
+            todo.append(i)
+            crops.append(crop)
+    t0 = time.perf_counter()
+    answered = engine.generate(crops) if crops else []
+    wall = time.perf_counter() - t0
+    preds = [prediction_row(REREAD, budget, rows[i], res, False) for i, res in zip(todo, answered, strict=True)]
+    for p in preds:  # the box metrics would judge the crop's own (absent) RoI, not the record's
+        p.update(box_metrics(None, None))
+    return SettingRun(REREAD, budget, wall or 1e-9, preds)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qzoom_ray.eval.confidence import write_confidence
-from qzoom_ray.eval.evaluate import BASELINE, ORACLE, QZOOM, EvalSettings, SettingRun
+from qzoom_ray.eval.evaluate import BASELINE, ORACLE, QZOOM, REREAD, EvalSettings, SettingRun
 from qzoom_ray.eval.paired import align_by_id, paired_gap
 
 GROUPS = ("question_type", "split", "category")
@@ -219,11 +219,12 @@ def pareto_plot(rows: Sequence[dict[str, Any]], t: dict[str, Any], path: Path, t
         ax.axhline(r["accuracy"], color="tab:gray", linestyle=":", linewidth=1)
         ax.annotate(f"evidence box, Max-{r['budget']}", (0.01, r["accuracy"]), xycoords=("axes fraction", "data"),
                     xytext=(0, 3), textcoords="offset points", fontsize=7, color="tab:gray")
-    rows_xy = [r for r in rows if r["method"] != ORACLE]
+    # Crop re-reads answer the zoomed records only: neither a point nor a level of the whole set.
+    rows_xy = [r for r in rows if r["method"] not in (ORACLE, REREAD)]
     rates = [_rate(r, basis) for r in rows_xy if _rate(r, basis) > 0]
     if rates and max(rates) / min(rates) > 5:
         ax.set_xscale("log")  # budget ladders span an order of magnitude in speed
-    accs = [r["accuracy"] for r in rows]
+    accs = [r["accuracy"] for r in rows if r["method"] != REREAD]
     ax.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs) + 5))
     notes = []
     if "matched" in t:

@@ -7,7 +7,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qzoom_ray.model.state import EngineRecord, EngineResult, PreparedRecord, ZoomRequest
+from qzoom_ray.model.state import (
+    ROUTE_CROP_REREAD,
+    ROUTE_ZOOM,
+    EngineRecord,
+    EngineResult,
+    PreparedRecord,
+    ZoomRequest,
+)
 
 if TYPE_CHECKING:
     from qzoom_ray.model.engine import QZoomEngine
@@ -59,7 +66,7 @@ def run_records(
         return [res for part in chunks(records, window) for res in run_records(engine, part, return_logits)]
     results, decoded = _run_once(engine, records, return_logits)
     if engine.config.escalation is not None:
-        results = _escalate(engine, records, results, decoded, return_logits)
+        results = escalate_results(engine, records, results, decoded, return_logits)
     return results
 
 
@@ -78,16 +85,66 @@ def is_unsure(below_logprob: float, error: str | None, answer_logprob: float | N
 
 
 def escalated_record(
-    engine: QZoomEngine, record: EngineRecord, error: str | None, answer_logprob: float | None
+    engine: QZoomEngine, record: EngineRecord, error: str | None, answer_logprob: float | None,
+    reread: bool = False,
 ) -> EngineRecord | None:
     """The record to answer again (same record at the larger budget), or None where its answer stands.
 
-    The one rule the in-process driver, the batch job's stages and the endpoint share.
+    ``reread``: the answer is a crop re-read's (``EscalationConfig.reread_crop_below``), judged by that
+    threshold instead of the step's. The one rule the in-process driver, the batch job's stages and the
+    endpoint share.
     """
     step = escalation_step(engine, record)
-    if step is None or not is_unsure(step[1], error, answer_logprob):
+    if step is None:
+        return None
+    below = engine.config.escalation.reread_crop_below if reread else step[1]
+    if below is None or not is_unsure(below, error, answer_logprob):
         return None
     return dataclasses.replace(record, max_pixels=step[0] * engine.adapter.token_px**2)
+
+
+#: A per-record gate threshold above any probability: the crop re-read is answered directly.
+NO_ZOOM = 2.0
+
+
+def crop_record(record: EngineRecord, result: EngineResult, image: Any) -> EngineRecord | None:
+    """The question about the RoI crop of a zoom-route answer alone, as its own image at the record's budget,
+    never zoomed; None for an answer from another route. ``image``: the record's decoded source image (the RoI
+    box is in its pixels)."""
+    from qzoom_ray.images import crop_image
+
+    if result.route != ROUTE_ZOOM or result.roi_box_px is None:
+        return None
+    return dataclasses.replace(record, image=crop_image(image, result.roi_box_px), gate_thresh=NO_ZOOM)
+
+
+def wants_reread(engine: QZoomEngine, record: EngineRecord, result: EngineResult) -> bool:
+    """Whether this answer is re-read on its crop first: the config asks for re-reads, the answer came from the
+    zoom route, and it is unsure by its step's threshold."""
+    esc = engine.config.escalation
+    if esc is None or esc.reread_crop_below is None or result.route != ROUTE_ZOOM or result.roi_box_px is None:
+        return False
+    step = escalation_step(engine, record)
+    return step is not None and is_unsure(step[1], result.error, result.answer_logprob)
+
+
+def merge_reread(first: EngineResult, reread: EngineResult) -> EngineResult:
+    """The first result with the crop re-read's answer; its box and gate stay, the re-read's visual tokens and
+    timings are added. A failed re-read keeps the first answer."""
+    if reread.error is not None:
+        return first
+    return dataclasses.replace(
+        first,
+        answer=reread.answer,
+        route=ROUTE_CROP_REREAD,
+        output_tokens=reread.output_tokens,
+        token_ids=reread.token_ids,
+        token_logprobs=reread.token_logprobs,
+        first_logits=reread.first_logits,
+        escalated=True,
+        escalated_visual_tokens=first.escalated_visual_tokens + reread.visual_tokens,
+        timings=summed_timings(first.timings, reread.timings),
+    )
 
 
 def summed_timings(*timings: dict[str, float]) -> dict[str, float]:
@@ -111,20 +168,24 @@ def merge_escalated(first: EngineResult, second: EngineResult) -> EngineResult:
     )
 
 
-def _escalate(
+def escalate_results(
     engine: QZoomEngine,
     records: Sequence[EngineRecord],
     results: list[EngineResult],
     decoded: dict[int, Any],
-    return_logits: bool,
+    return_logits: bool = False,
 ) -> list[EngineResult]:
-    """Re-answer the unsure records at their larger budget; what the first answers cost stays on the record.
+    """Re-read unsure zoomed answers on their crop, then re-answer the still unsure records at their larger
+    budget; what the earlier answers cost stays on the record. The in-process driver and the batch job's last
+    model stage both answer through this.
 
-    ``decoded``: the first pass's decoded images by record index, so a retry does not decode them again.
+    ``decoded``: decoded images by record index, so a retry does not decode them again (the others are decoded
+    from ``record.image`` when needed).
     """
+    results = _reread_crops(engine, records, results, decoded, return_logits)
     todo, again = [], []
     for i, (rec, res) in enumerate(zip(records, results, strict=True)):
-        retry = escalated_record(engine, rec, res.error, res.answer_logprob)
+        retry = escalated_record(engine, rec, res.error, res.answer_logprob, reread=res.route == ROUTE_CROP_REREAD)
         if retry is not None:
             todo.append(i)
             again.append(dataclasses.replace(retry, image=decoded.get(i, rec.image)))
@@ -135,6 +196,42 @@ def _escalate(
     out = list(results)
     for i, res in zip(todo, second, strict=True):
         out[i] = merge_escalated(results[i], res)
+    return out
+
+
+def _reread_crops(
+    engine: QZoomEngine,
+    records: Sequence[EngineRecord],
+    results: list[EngineResult],
+    decoded: dict[int, Any],
+    return_logits: bool,
+) -> list[EngineResult]:
+    """Unsure zoomed answers asked again on their RoI crop alone (``EscalationConfig.reread_crop_below``)."""
+    from qzoom_ray.images import load_image
+
+    cfg = engine.config
+    todo, crops = [], []
+    for i, (rec, res) in enumerate(zip(records, results, strict=True)):
+        if not wants_reread(engine, rec, res):
+            continue
+        try:
+            image = decoded.get(i)
+            if image is None:
+                image = load_image(rec.image, max_pixels=cfg.max_image_pixels, max_aspect_ratio=cfg.max_aspect_ratio)
+            crop = crop_record(rec, res, image)
+        except Exception:  # a box that cannot be cut keeps the first answer, and may still escalate
+            logger.exception("crop re-read of %s could not be prepared", rec.id)
+            continue
+        if crop is not None:
+            todo.append(i)
+            crops.append(crop)
+    if not todo:
+        return results
+    # _run_once: the re-read is never zoomed, and whether it escalates further is decided by the caller.
+    second, _ = _run_once(engine, crops, return_logits)
+    out = list(results)
+    for i, res in zip(todo, second, strict=True):
+        out[i] = merge_reread(results[i], res)
     return out
 
 

@@ -14,6 +14,7 @@ ROUTE_ZOOM = "zoom"  # answered from the spliced global + RoI sequence
 ROUTE_EMPTY_MAP = "fallback_empty_map"  # gated, but no RoI cell above tau_roi: direct answer
 ROUTE_BAD_CROP = "fallback_bad_crop"  # gated, but the crop cannot be encoded: direct answer
 ROUTE_BASELINE = "baseline"  # plain single pass (no Q-Zoom)
+ROUTE_CROP_REREAD = "crop_reread"  # an unsure zoomed answer, asked again on its RoI crop alone (escalation)
 ROUTE_ERROR = "error"
 
 

@@ -108,7 +108,7 @@ class CoarseServer(_ModelServer):
             else:
                 preps.append(out)
                 where.append(i)
-                escalate_to.append(handoff.escalation_step(self.engine, record) or (None, None))
+                escalate_to.append(handoff.escalation_step(self.engine, record) or (None, None, None))
         if preps:
             results = _isolated(
                 lambda b: self.engine.coarse(b, keep_prefix=self.reuse_prefix),
@@ -121,7 +121,7 @@ class CoarseServer(_ModelServer):
                 elif isinstance(res, ZoomRequest):
                     outcomes[i] = Outcome(
                         handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens,
-                        escalate_max_pixels=esc[0], escalate_below=esc[1],
+                        escalate_max_pixels=esc[0], escalate_below=esc[1], reread_below=esc[2],
                     )
                 else:
                     outcomes[i] = Outcome(
@@ -131,6 +131,7 @@ class CoarseServer(_ModelServer):
                         max_new_tokens=prep.max_new_tokens,
                         escalate_max_pixels=esc[0],
                         escalate_below=esc[1],
+                        reread_below=esc[2],
                     )
         return outcomes  # type: ignore[return-value]
 
@@ -286,10 +287,11 @@ class QZoomIngress:
         args = self.args
         outcome = await self._call(self.coarse, job, args.coarse.retry_after_s)
         if outcome.kind == handoff.ZOOM:
-            budget, escalate = outcome.max_new_tokens, (outcome.escalate_max_pixels, outcome.escalate_below)
+            budget = outcome.max_new_tokens
+            escalate = (outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below)
             outcome = await self._call(self.zoom, outcome.zoom, args.zoom.retry_after_s)
             outcome.max_new_tokens = outcome.max_new_tokens or budget
-            outcome.escalate_max_pixels, outcome.escalate_below = escalate
+            outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below = escalate
         return outcome
 
     @staticmethod

@@ -47,6 +47,9 @@ class Outcome:
     #: (max_pixels) to answer again at if the final answer turns out unsure.
     escalate_max_pixels: int | None = None
     escalate_below: float | None = None
+    #: Set with the two above when unsure zoomed answers are first re-read on their crop
+    #: (``EscalationConfig.reread_crop_below``): the re-read stands unless its log-probability is below this.
+    reread_below: float | None = None
 
 
 def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
@@ -65,25 +68,58 @@ def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
     )
 
 
-def escalation_step(engine, record: EngineRecord) -> tuple[int, float] | None:
-    """(max_pixels to re-answer at, the log-probability below which to) for this request, or None."""
+def escalation_step(engine, record: EngineRecord) -> tuple[int, float, float | None] | None:
+    """(max_pixels to re-answer at, the log-probability below which to, the crop re-read's threshold or None)
+    for this request, or None."""
     from qzoom_ray.model.driver import escalation_step as step_of
 
     step = step_of(engine, record)
-    return None if step is None else (step[0] * engine.adapter.token_px**2, step[1])
+    if step is None:
+        return None
+    return step[0] * engine.adapter.token_px**2, step[1], engine.config.escalation.reread_crop_below
+
+
+def crop_job(job: CoarseJob, result: EngineResult) -> CoarseJob:
+    """The request again, about the RoI crop of its zoomed answer alone, never zoomed (``driver.crop_record``)."""
+    import io
+
+    from qzoom_ray.images import crop_image, load_image
+    from qzoom_ray.model.driver import NO_ZOOM
+
+    if result.roi_box_px is None:
+        raise ValueError("a crop re-read needs the answer's RoI box")
+    crop = crop_image(load_image(job.image), result.roi_box_px)
+    buf = io.BytesIO()
+    crop.save(buf, format="PNG")
+    return dataclasses.replace(job, image=buf.getvalue(), gate_thresh=NO_ZOOM)
+
+
+async def _reread(job: CoarseJob, result: EngineResult,
+                  answer_once: Callable[[CoarseJob], Awaitable[Outcome]]) -> Outcome | None:
+    """The crop re-read's outcome, or None where it could not be had (the answer we have stands)."""
+    import asyncio
+
+    try:
+        again = await answer_once(await asyncio.to_thread(crop_job, job, result))
+    except Exception as exc:  # e.g. at capacity, or a box the image cannot give: keep the answer we have
+        logger.warning("crop re-read of %s failed (%s: %s); keeping the first answer", job.id, type(exc).__name__, exc)
+        return None
+    return again if again.kind == DONE and again.result is not None and again.result.error is None else None
 
 
 async def answer_with_escalation(job: CoarseJob, answer_once: Callable[[CoarseJob], Awaitable[Outcome]]) -> Outcome:
-    """Answer ``job``; while the answer is unsure and a larger budget is configured, answer it again there.
+    """Answer ``job``; while the answer is unsure and a larger budget is configured, answer it again there (an
+    unsure zoomed answer is first re-read on its crop where ``reread_below`` is set, as ``driver.escalate_results``).
 
     ``answer_once`` runs the coarse (and, when gated, zoom) replicas for one job; the coarse replica says
     on the outcome where and below what log-probability this request escalates (``EngineConfig.escalation``).
     The retry keeps the first answer if it fails, and the returned result carries what the earlier
     answers cost: visual tokens, timings and prompt tokens.
     """
-    from qzoom_ray.model.driver import is_unsure, merge_escalated
+    from qzoom_ray.model.driver import is_unsure, merge_escalated, merge_reread
+    from qzoom_ray.model.state import ROUTE_CROP_REREAD, ROUTE_ZOOM
 
-    outcome = await answer_once(job)
+    outcome, current = await answer_once(job), job
     while (
         outcome.kind == DONE
         and outcome.result is not None
@@ -91,8 +127,18 @@ async def answer_with_escalation(job: CoarseJob, answer_once: Callable[[CoarseJo
         and outcome.escalate_below is not None
         and is_unsure(outcome.escalate_below, outcome.result.error, outcome.result.answer_logprob)
     ):
+        if outcome.reread_below is not None and outcome.result.route == ROUTE_ZOOM:
+            reread = await _reread(current, outcome.result, answer_once)
+            if reread is not None:
+                outcome = dataclasses.replace(outcome, result=merge_reread(outcome.result, reread.result),
+                                              prompt_tokens=outcome.prompt_tokens + reread.prompt_tokens)
+            sure = outcome.result.route == ROUTE_CROP_REREAD and not is_unsure(
+                outcome.reread_below, outcome.result.error, outcome.result.answer_logprob)
+            if sure:
+                break
+        current = dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels)
         try:
-            again = await answer_once(dataclasses.replace(job, max_pixels=outcome.escalate_max_pixels))
+            again = await answer_once(current)
         except Exception as exc:  # e.g. the zoom deployment at capacity: the answer we have is still an answer
             logger.warning("escalated retry of %s failed (%s: %s); keeping the first answer", job.id,
                            type(exc).__name__, exc)

@@ -16,11 +16,12 @@ from qzoom_ray.eval.escalation import (
     candidate_outcomes,
     choose,
     escalate,
+    escalated_records,
     escalation_config,
     rank,
     score_settings,
 )
-from qzoom_ray.eval.escalation_runs import read_run, write_escalation
+from qzoom_ray.eval.escalation_runs import read_rereads, read_run, write_escalation
 from qzoom_ray.model.driver import is_unsure
 
 # Four records. Max-128: right, wrong and unsure, wrong and sure, an error. Max-256 fixes records 1 and 2.
@@ -167,3 +168,68 @@ def test_the_job_writes_the_choice_into_the_config_and_the_report(tmp_path, caps
     assert gap["n"] == 4 and gap["gap_points"] == -25.0 and math.isclose(gap["speedup"], 8.0 / 7.0)
     assert gap["gap_interval"][0] <= -25.0 <= gap["gap_interval"][1]
     assert job.main(["--runs", str(run), "--min-speedup", "50"]) == 1  # nothing that fast: said, not guessed
+
+
+# Crop re-reads at Max-128: record 0 was not zoomed (no re-read), record 1's re-read is right and sure, record 2's
+# wrong and unsure, record 3 was an error.
+REREAD = Rung.of([0, 1, 0, 0], [-0.2, -0.1, -2.0, None], [0.5] * 4, [True, False, False, True])
+
+
+def test_a_sure_crop_reread_stands_and_an_unsure_one_goes_on():
+    rereads = {128: REREAD}
+    # Only record 1 is unsure at Max-128 (-0.9 < -0.5); its re-read (-0.1) stands: no Max-256 pass.
+    stands = escalate({128: LOW, 256: HIGH}, [128, 256], [-0.5], rereads, -0.5)
+    assert (stands.accuracy, stands.seconds, stands.escalated) == (50.0, 4.5, 0.25)
+    assert stands.name == "128 -> 256 below -0.5, crop re-read below -0.5"
+    # A re-read threshold above every log-probability sends it on: both passes are paid.
+    on = escalate({128: LOW, 256: HIGH}, [128, 256], [-0.5], rereads, 0.0)
+    assert (on.accuracy, on.seconds) == (50.0, 4.0 + 0.5 + 3.0)
+    # Unsure everywhere (threshold 0 at Max-128): record 0 has no re-read and goes straight to Max-256, record 2's
+    # re-read is unsure and goes on, record 1's stands.
+    score, seconds, again = escalated_records({128: LOW, 256: HIGH}, [128, 256], [0.0], rereads, -0.5)
+    assert score.tolist() == [1.0, 1.0, 1.0, 0.0] and seconds.tolist() == [4.0, 1.5, 4.5, 1.0]
+    assert again.tolist() == [True, True, True, False]
+    # Without a re-read threshold the re-reads are ignored: the plain rule.
+    assert escalate({128: LOW, 256: HIGH}, [128, 256], [0.0], rereads) == escalate({128: LOW, 256: HIGH}, [128, 256],
+                                                                                   [0.0])
+
+
+def test_reread_settings_are_scored_and_written(tmp_path):
+    outs = candidate_outcomes({128: LOW, 256: HIGH}, [-0.5, -0.05], {128: REREAD})
+    assert {o.reread_below for o in outs if o.thresholds} == {None, -0.5, -0.05}
+    scored = score_settings([outs], [(75.0, 8.0)])
+    best = next(s for s in scored if s.reread_below == -0.5 and s.thresholds == (-0.5,))
+    block = escalation_config(best)
+    assert block == {"below_logprob": -0.5, "to_budget": {128: 256}, "reread_crop_below": -0.5}
+    assert EngineConfig.model_validate({"escalation": block}).escalation.reread_crop_below == -0.5
+
+    run = _predictions(tmp_path)
+    rows = pq.read_table(run / "predictions.parquet").to_pylist()
+    # r3..r0 are LOW's records 0..3; re-reads exist for LOW's records 1 and 2 only.
+    rows += [{"method": "qzoom_reread", "budget": 128, "id": f"r{3 - i}", "score": float(REREAD.score[i]),
+              "answer_logprob": float(REREAD.logprob[i]), "model_s": 0.5, "error": None, "escalated": False}
+             for i in (1, 2)]
+    pq.write_table(pa.Table.from_pylist(rows), run / "predictions.parquet")
+    got = read_rereads(run)[128]  # sorted by id: r0..r3 are LOW's records 3..0
+    assert got.error.tolist() == [True, False, False, True] and got.score.tolist() == [0.0, 0.0, 1.0, 0.0]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert read_rereads(_predictions(plain)) == {}
+
+
+def test_timing_repeats_average_their_model_times_and_must_agree():
+    from qzoom_ray.eval.escalation_runs import Reference, averaged_repeats
+
+    def run(seconds: float, scores=(1, 0, 0, 0)):
+        low = Rung.of(list(scores), [-0.1, -0.9, -0.05, -0.3], [seconds] * 4)
+        ref = Reference("baseline Max-1024", 75.0, 8 * seconds, (1.0, 1.0, 1.0, 0.0), (2 * seconds,) * 4)
+        return {128: low, 256: HIGH}, ref, {128: REREAD}
+
+    ladder, ref, rereads = averaged_repeats([run(1.0), run(2.0)], ["a", "a2"])
+    assert ladder[128].seconds.tolist() == [1.5] * 4 and ladder[256].seconds.tolist() == HIGH.seconds.tolist()
+    assert ref.seconds == 12.0 and ref.record_seconds == (3.0,) * 4 and ref.accuracy == 75.0
+    assert rereads[128].seconds.tolist() == [0.5] * 4
+    single = run(1.0)
+    assert averaged_repeats([single], ["a"]) is single
+    with pytest.raises(ValueError, match="a2: Max-128 answers differ"):
+        averaged_repeats([run(1.0), run(1.0, scores=(1, 1, 0, 0))], ["a", "a2"])

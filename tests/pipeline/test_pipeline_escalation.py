@@ -27,14 +27,17 @@ def records() -> list[EngineRecord]:
     return [EngineRecord(r["id"], r["image"], r["question"], gate_thresh=r["gate_thresh"]) for r in ROWS]
 
 
-@pytest.fixture(scope="module")
-def escalating(tiny_model_dir):
-    """An engine config whose threshold, the median first answer's log-probability, escalates about half."""
+@pytest.fixture(scope="module", params=[None, -1e9], ids=["plain", "crop-reread"])
+def escalating(tiny_model_dir, request):
+    """An engine config whose threshold, the median first answer's log-probability, escalates about half; with a
+    crop re-read threshold no re-read is below, the unsure zoomed answers are their crop's."""
     plain = QZoomEngine(engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3))
     median = statistics.median(r.answer_logprob for r in plain.generate(records()))
-    cfg = engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3,
-                        escalation={"below_logprob": min(median, 0.0), "to_budget": {16: 32}})
+    esc = {"below_logprob": min(median, 0.0), "to_budget": {16: 32}, "reread_crop_below": request.param}
+    cfg = engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3, escalation=esc)
     reference = {r.id: r for r in QZoomEngine(cfg, loaded=plain.loaded).generate(records())}
+    if request.param is not None:
+        assert any(r.route == "crop_reread" for r in reference.values())
     return cfg.model_dump(), reference
 
 

@@ -76,8 +76,11 @@ def test_retry_budget_reaches_the_engine_record(tiny_model_dir):
     assert handoff.engine_record(CoarseJob("j", b"x", "q", max_pixels=32 * PX), live).max_pixels == 32 * PX
     engine = QZoomEngine(engine_config(tiny_model_dir, escalation=ESC.model_dump()))
     at = lambda n: EngineRecord("j", b"x", "q", max_pixels=n * PX)  # noqa: E731
-    assert handoff.escalation_step(engine, at(16)) == (32 * PX, -0.5)
-    assert handoff.escalation_step(engine, at(32)) == (64 * PX, -1.0)
+    assert handoff.escalation_step(engine, at(16)) == (32 * PX, -0.5, None)
+    assert handoff.escalation_step(engine, at(32)) == (64 * PX, -1.0, None)
+    reread = QZoomEngine(engine_config(tiny_model_dir, escalation={**ESC.model_dump(), "reread_crop_below": -0.7}),
+                         loaded=engine.loaded)
+    assert handoff.escalation_step(reread, at(16)) == (32 * PX, -0.5, -0.7)
     assert handoff.escalation_step(engine, at(24)) is None
 
 
@@ -108,3 +111,35 @@ def test_endpoint_answers_unsure_requests_again(tiny_model_dir):
             # The first answer's tokens: its global view, and its crop when zoomed.
             assert q["escalated_visual_tokens"] >= q["coarse_visual_tokens"] > 0
             assert q["timings"]["coarse_s"] > 0
+
+
+def zoomed(answer: str, logprob: float, escalate_to: int | None = 32 * PX) -> Outcome:
+    res = EngineResult("j", answer=answer, route="zoom", zoomed=True, roi_box_px=(10, 20, 110, 60),
+                       coarse_visual_tokens=16, roi_visual_tokens=12, token_logprobs=[logprob], timings={"zoom_s": 1.0})
+    return Outcome(DONE, result=res, prompt_tokens=40, max_new_tokens=8, escalate_max_pixels=escalate_to,
+                   escalate_below=-0.5, reread_below=-0.7)
+
+
+def test_an_unsure_zoomed_answer_is_reread_on_its_crop_first():
+    import io
+
+    from PIL import Image
+
+    job = CoarseJob("j", make_image_bytes(300, 200, 1), "q?")
+    # The re-read (-0.3) is sure enough: it stands, and the larger budget is never asked.
+    out, seen = run(job, [zoomed("7", -2.0), done("9", -0.3, 8, 32 * PX)])
+    assert len(seen) == 2 and seen[1].gate_thresh == 2.0 and seen[1].max_pixels is None
+    assert Image.open(io.BytesIO(seen[1].image)).size == (100, 40)  # the RoI box alone
+    assert out.result.answer == "9" and out.result.route == "crop_reread" and out.result.escalated
+    assert out.result.roi_box_px == (10, 20, 110, 60) and out.result.visual_tokens == 16 + 12 + 8
+    assert out.prompt_tokens == 40 + 18
+    # An unsure re-read (-1.0 < -0.7) goes on to Max-32, from the whole image; every answer's cost is kept.
+    out, seen = run(job, [zoomed("7", -2.0), done("9", -1.0, 8, 32 * PX), done("5", -0.1, 32, None)])
+    assert [j.max_pixels for j in seen] == [None, None, 32 * PX] and seen[2].image == job.image
+    assert seen[2].gate_thresh is None
+    assert out.result.answer == "5" and out.result.visual_tokens == 16 + 12 + 8 + 32
+    # A failed re-read escalates as if there were none; a sure zoomed answer is not re-read.
+    out, seen = run(job, [zoomed("7", -2.0), RuntimeError("at capacity"), done("5", -0.1, 32, None)])
+    assert len(seen) == 3 and out.result.answer == "5"
+    out, seen = run(job, [zoomed("7", -0.1)])
+    assert len(seen) == 1 and out.result.route == "zoom"
