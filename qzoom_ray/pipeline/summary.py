@@ -13,7 +13,7 @@ from qzoom_ray.pipeline import schema as S
 from qzoom_ray.pipeline.io import OutputDir
 
 SUMMARY_FILE = "_qzoom_summary.json"
-_COLUMNS = [S.ID, "zoomed", "escalated", S.ERROR, "coarse_visual_tokens", "roi_visual_tokens",
+_COLUMNS = [S.ID, "route", "zoomed", "escalated", S.ERROR, "coarse_visual_tokens", "roi_visual_tokens",
             "escalated_visual_tokens", "full_res_visual_tokens"]
 
 
@@ -31,6 +31,7 @@ class JobSummary:
     visual_tokens: int  # coarse + RoI tokens actually spent, escalated records' discarded answers included
     full_res_visual_tokens: int  # what the same images would cost at full resolution
     top_errors: list[tuple[str, int]]
+    crop_rereads: int = 0  # of the escalated: answered from their RoI crop alone (escalation.reread_crop_below)
 
     def to_text(self) -> str:
         ratio = self.visual_tokens / self.full_res_visual_tokens if self.full_res_visual_tokens else float("nan")
@@ -38,7 +39,8 @@ class JobSummary:
             f"records      {self.records} ({self.unique_ids} unique ids, {self.records_this_run} this run)",
             f"zoomed       {self.zoomed} ({self.zoom_rate:.1%} of answered records)",
             f"errors       {self.errors}",
-            *([f"escalated    {self.escalated} (answered again at a larger budget)"] if self.escalated else []),
+            *([f"escalated    {self.escalated} (answered again: {self.crop_rereads} from their RoI crop, "
+               f"{self.escalated - self.crop_rereads} at a larger budget)"] if self.escalated else []),
             f"throughput   {self.records_per_s:.2f} records/s ({self.wall_s:.1f} s this run)",
             f"visual tok.  {self.visual_tokens} spent vs {self.full_res_visual_tokens} at full resolution "
             f"({ratio:.1%})",
@@ -91,6 +93,8 @@ def summarise(table: pa.Table, records_this_run: int, wall_s: float) -> JobSumma
         visual_tokens=total("coarse_visual_tokens") + total("roi_visual_tokens") + total("escalated_visual_tokens"),
         full_res_visual_tokens=total("full_res_visual_tokens"),
         top_errors=sorted(counts.items(), key=lambda kv: -kv[1])[:5],
+        crop_rereads=(int(pc.sum(pc.fill_null(pc.equal(table.column("route"), "crop_reread"), False)).as_py() or 0)
+                      if "route" in table.column_names else 0),
     )
 
 

@@ -169,3 +169,37 @@ def test_escalation_applies_to_qzoom_rows_only(tiny_model_dir, synth_parquet, tm
     assert "escalation_rate" in markdown_table([summarise(runs["baseline"]), row])
     report = write_report(list(runs.values()), settings, tmp_path)
     assert "escalation_rate" in report["markdown"] and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_crop_rereads_answer_every_zoomed_record_on_its_crop(tiny_model_dir, synth_parquet, tmp_path):
+    from qzoom_ray.eval.escalation_runs import read_rereads
+    from qzoom_ray.images import crop_image, load_image
+    from qzoom_ray.model.engine import QZoomEngine
+    from qzoom_ray.model.state import EngineRecord
+
+    rows = load_labelled(synth_parquet)
+    cfg = engine_config(tiny_model_dir, generation={"max_new_tokens": 2}, zoom={"gate_thresh": 0.0})
+    settings = EvalSettings(baseline_budgets=[16], qzoom_budgets=[16], crop_rereads=True, batch_size=2, warmup=0,
+                            min_tokens=4)
+    runs = run_evaluation(rows, cfg, settings)
+    assert [(r.method, r.budget) for r in runs] == [("baseline", 16), ("qzoom", 16), ("qzoom_reread", 16)]
+    zoomed = {p["id"]: p for p in runs[1].predictions if p["route"] == "zoom"}
+    assert zoomed and [p["id"] for p in runs[2].predictions] == list(zoomed)
+    # Each re-read is the crop of the record's own box, asked alone and never zoomed.
+    row = next(r for r in rows if r.id in zoomed)
+    crop = crop_image(load_image(row.image), tuple(zoomed[row.id]["roi_box"]))
+    alone = QZoomEngine(cfg).generate([EngineRecord(row.id, crop, row.question, min_pixels=4 * 28 * 28,
+                                                    max_pixels=16 * 28 * 28, gate_thresh=2.0)])[0]
+    got = next(p for p in runs[2].predictions if p["id"] == row.id)
+    assert got["prediction"] == alone.answer and got["route"] == "direct" and got["roi_iou"] is None
+
+    report = write_report(runs, settings, tmp_path / "out")
+    assert [r["qzoom_budget"] for r in report["tradeoff"]["against_peak"]] == [16]  # re-reads are not a setting
+    assert sorted(read_rereads(tmp_path / "out")) == [16]
+
+    esc = engine_config(tiny_model_dir, escalation={"below_logprob": -0.5, "to_budget": {16: 32}})
+    with pytest.raises(ValueError, match="without escalation"):
+        run_evaluation(rows, esc, settings)
+    args = ["--data", str(synth_parquet), "--model", tiny_model_dir, "--limit", "1", "--crop-rereads",
+            "--out", str(tmp_path / "job")]
+    assert load_job("evaluate").main(args) == 2  # --crop-rereads needs --no-escalation

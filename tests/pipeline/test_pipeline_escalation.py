@@ -85,8 +85,10 @@ def test_summary_counts_escalated_rows_and_their_tokens():
         "full_res_visual_tokens": [100, 100, None],
     })
     s = summarise(table, 3, 1.0)
-    assert (s.escalated, s.visual_tokens, s.errors) == (1, 32 + 16 + 9 + 16, 1)
-    assert "escalated    1" in s.to_text()
+    assert (s.escalated, s.visual_tokens, s.errors, s.crop_rereads) == (1, 32 + 16 + 9 + 16, 1, 0)
+    assert "escalated    1 (answered again: 0 from their RoI crop, 1 at a larger budget)" in s.to_text()
+    reread = summarise(table.append_column("route", pa.array(["crop_reread", "zoom", "error"])), 3, 1.0)
+    assert reread.crop_rereads == 1 and "1 from their RoI crop, 0 at a larger budget" in reread.to_text()
 
 
 def test_summary_reads_outputs_written_before_escalation_existed(tmp_path):
