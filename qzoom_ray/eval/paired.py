@@ -31,7 +31,7 @@ class PairedGap:
     gap_interval: tuple[float, float]
     speedup: float
     speedup_interval: tuple[float, float]
-    discordant: int  # records where exactly one of the two settings is right
+    discordant: int  # records whose two scores differ by more than half a credit (one right, one wrong)
     level: float
 
     def as_dict(self) -> dict[str, Any]:
