@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,16 @@ def read_predictions(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def reference_of(rows: list[dict[str, Any]], budget: int | None, run: str) -> tuple[int, list[dict[str, Any]]]:
-    """The baseline budget to compare with (the most accurate, the cheaper on a tie) and its answers."""
+    """The baseline budget to compare with (default: the run's peak) and its answers."""
+    from qzoom_ray.eval.escalation_runs import peak_budget
+
     by_budget: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         if r["method"] == "baseline":
             by_budget.setdefault(int(r["budget"]), []).append(r)
     if not by_budget:
         raise ValueError(f"{run}: no baseline answers to compare with (--baseline-budgets)")
-    if budget is None:
-        budget = max(by_budget, key=lambda b: (sum(r["score"] for r in by_budget[b]) / len(by_budget[b]), -b))
+    budget = peak_budget(by_budget) if budget is None else budget
     if budget not in by_budget:
         raise ValueError(f"{run}: no baseline Max-{budget}; it has {sorted(by_budget)}")
     return budget, by_budget[budget]
@@ -86,20 +86,6 @@ def compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    pct = round(100 * rows[0]["level"]) if rows else 95
-    lines = [f"| run | Q-Zoom | baseline | records | differing | gap (points) [{pct} %] | speed-up (model time) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lo, hi = r["gap_interval"]
-        slo, shi = r["speedup_interval"]
-        speed = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.2f}x [{slo:.2f}, {shi:.2f}]"
-        base = "each run's" if r["baseline_budget"] is None else f"Max-{r['baseline_budget']}"
-        lines.append(f"| {r['run']} | Max-{r['qzoom_budget']} | {base} | {r['n']} | {r['discordant']} | "
-                     f"{r['gap_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {speed} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -107,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(table(rows))
+    from qzoom_ray.eval.report import against_peak_text
+
+    print(against_peak_text(rows))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(rows, indent=2), encoding="utf-8")

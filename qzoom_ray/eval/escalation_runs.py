@@ -29,6 +29,11 @@ def _rung(rows: list[dict[str, Any]]) -> Rung:
                    [r["model_s"] or 0.0 for r in rows], [r["error"] is not None for r in rows])
 
 
+def peak_budget(by_budget: dict[int, list[dict[str, Any]]]) -> int:
+    """The baseline's peak: its most accurate budget (the cheaper one on a tie)."""
+    return max(by_budget, key=lambda b: (sum(r["score"] for r in by_budget[b]) / len(by_budget[b]), -b))
+
+
 def read_run(run_dir: str | Path, reference_budget: int | None = None) -> tuple[dict[int, Rung], Reference]:
     """The Q-Zoom ladder (records in one order at every budget) and the baseline reference of one run.
 
@@ -58,8 +63,8 @@ def read_run(run_dir: str | Path, reference_budget: int | None = None) -> tuple[
         by_budget.setdefault(int(r["budget"]), []).append(r)
     if not by_budget:
         raise ValueError(f"{run_dir}: no baseline answers to judge against (--baseline-budgets)")
-    if reference_budget is None:  # the peak: the most accurate baseline budget (the cheaper one on a tie)
-        reference_budget = max(by_budget, key=lambda b: (sum(r["score"] for r in by_budget[b]) / len(by_budget[b]), -b))
+    if reference_budget is None:
+        reference_budget = peak_budget(by_budget)
     if reference_budget not in by_budget:
         raise ValueError(f"{run_dir}: no baseline Max-{reference_budget}; it has {sorted(by_budget)}")
     ref = sorted(by_budget[reference_budget], key=lambda r: r["id"])

@@ -22,7 +22,7 @@ from pydantic import Field
 from qzoom_ray.config import QWEN25_TOKEN_PX, EngineConfig, StrictModel
 from qzoom_ray.eval.data import LabelledRow
 from qzoom_ray.eval.metrics import score
-from qzoom_ray.model.state import EngineRecord, EngineResult
+from qzoom_ray.model.state import ROUTE_ZOOM, EngineRecord, EngineResult
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +224,12 @@ def run_evaluation(
                 wall = time.perf_counter() - t0
             keep = method == QZOOM and settings.save_roi_maps
             preds = [prediction_row(method, budget, r, res, keep) for r, res in zip(rows, results, strict=True)]
-            runs.append(SettingRun(method, budget, wall, preds))
+            new = [SettingRun(method, budget, wall, preds)]
             if method == QZOOM and settings.crop_rereads:
-                runs.append(crop_reread_run(engine, rows, records, results, budget))
+                new.append(crop_reread_run(engine, rows, records, results, budget))
+            runs += new
             if progress:
-                for run in runs[-2 if method == QZOOM and settings.crop_rereads else -1:]:
+                for run in new:
                     n = max(1, len(run.predictions))
                     acc = 100 * sum(p["score"] for p in run.predictions) / n
                     progress(f"{run.method:<8} Max-{budget:<5} acc {acc:5.1f}  {n / run.wall_s:6.2f} rec/s (wall)"
@@ -246,14 +247,12 @@ def crop_reread_run(engine: Any, rows: Sequence[LabelledRow], records: Sequence[
         raise ValueError("crop re-reads are scored from plain answers: evaluate without escalation")
     todo, crops = [], []
     for i, (row, rec, res) in enumerate(zip(rows, records, results, strict=True)):
-        if res.route != "zoom" or res.error is not None:
+        if res.route != ROUTE_ZOOM or res.roi_box_px is None:  # only zoom-route answers have a crop
             continue
         image = load_image(row.image, max_pixels=engine.config.max_image_pixels,
                            max_aspect_ratio=engine.config.max_aspect_ratio)
-        crop = driver.crop_record(rec, res, image)
-        if crop is not None:
-            todo.append(i)
-            crops.append(crop)
+        todo.append(i)
+        crops.append(driver.crop_record(rec, res, image))
     t0 = time.perf_counter()
     answered = engine.generate(crops) if crops else []
     wall = time.perf_counter() - t0

@@ -153,23 +153,28 @@ def against_peak(runs: Sequence[SettingRun], t: dict[str, Any]) -> list[dict[str
 
 
 def against_peak_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The paired comparison as a markdown table; rows with a ``run`` key (``jobs/compare_to_peak.py``) get a
+    run column, and a row whose ``baseline_budget`` is None reads as each run's own peak."""
     if not rows:
         return ""
     pct = round(100 * rows[0]["level"])
+    by_run = any("run" in r for r in rows)
+    head = ["run"] * by_run + ["Q-Zoom", "baseline", "records", "differing", "gap (points)", "speed-up (model time)"]
     lines = [
         f"Q-Zoom against the baseline's peak, paired on the same records ({pct} % bootstrap intervals):",
         "",
-        "| Q-Zoom | baseline | records | differing | gap (points) | speed-up (model time) |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for r in rows:
         lo, hi = r["gap_interval"]
         slo, shi = r["speedup_interval"]
         speed = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.2f}x [{slo:.2f}, {shi:.2f}]"
-        lines.append(
-            f"| Max-{r['qzoom_budget']} | Max-{r['baseline_budget']} | {r['n']} | {r['discordant']} | "
-            f"{r['gap_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {speed} |"
-        )
+        base = "each run's peak" if r["baseline_budget"] is None else f"Max-{r['baseline_budget']}"
+        cells = [str(r.get("run", ""))] * by_run + [
+            f"Max-{r['qzoom_budget']}", base, str(r["n"]), str(r["discordant"]),
+            f"{r['gap_points']:+.1f} [{lo:+.1f}, {hi:+.1f}]", speed]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
