@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-speedup", type=float, default=4.0, help="--rule accuracy: least speed-up on every set")
     p.add_argument("--max-drop", type=float, default=0.5, help="--rule speed: most points below the reference")
     p.add_argument("--top", type=int, default=12, help="settings shown, best first")
+    p.add_argument("--no-losses", action="store_true", help="leave out the chosen setting's per-group table "
+                   "(where it gains and loses against the reference, by the answer each record ends with)")
     p.add_argument("--config-in", help="YAML to copy the escalation into (default: --config-out)")
     p.add_argument("--config-out", help="write the chosen escalation here")
     p.add_argument("--report", help="write every setting's figures and the choice (JSON) here")
@@ -72,6 +74,18 @@ def chosen_intervals(choice: Scored, read: list[tuple[dict[int, Rung], Reference
         score, seconds, _ = escalated_records(ladder, choice.steps, choice.thresholds, rr, choice.reread_below)
         out.append(paired_gap(score, ref.record_scores, seconds, ref.record_seconds))
     return out
+
+
+def chosen_losses(choice: Scored, ladder: dict[int, Rung], ref: Reference, rereads: dict[int, Rung],
+                  run_dir: Path) -> str:
+    """The chosen setting against the reference per record group, by the answer each record ends with."""
+    from qzoom_ray.eval.escalation import path_names, walk
+    from qzoom_ray.eval.escalation_runs import record_groups
+    from qzoom_ray.eval.losses import losses_by_group, losses_text
+
+    score, _, _, source = walk(ladder, choice.steps, choice.thresholds, rereads, choice.reread_below)
+    losses = losses_by_group(score, ref.record_scores, source, path_names(choice.steps), record_groups(run_dir))
+    return losses_text(losses, ref.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = gap.gap_interval
         print(f"  {r.name}: {gap.gap_points:+.1f} points [{lo:+.1f}, {hi:+.1f}], {gap.discordant} of {gap.n} "
               f"records differ from the reference (95 % paired bootstrap; the choice itself was made on these sets)")
+    if not args.no_losses:
+        for r, ((ladder, ref), rr) in zip(runs, zip(read, rereads, strict=True), strict=True):
+            print(f"\nwhere the choice gains and loses on {r.name}:\n" + chosen_losses(choice, ladder, ref, rr, r))
     block = escalation_config(choice) if len(choice.steps) > 1 else None
     if args.config_out:
         if block is None:

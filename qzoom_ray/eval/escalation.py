@@ -83,14 +83,32 @@ def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int], threshol
     A crop re-read rung holds an answer for the records the zoom route answered at its budget; the others are
     marked as errors there (no re-read: they escalate as without one, like a re-read that failed in the engine).
     """
+    score, seconds, answered_again, _ = walk(ladder, steps, thresholds, rereads, reread_below)
+    return score, seconds, answered_again
+
+
+def path_names(steps: Sequence[int]) -> list[str]:
+    """What the codes of :func:`walk`'s ``source`` stand for: 0 the first budget's answer, then for each step a
+    crop re-read at the budget before it (odd codes) and that step's own answer (even codes)."""
+    names = [f"Max-{steps[0]}"]
+    for before, budget in itertools.pairwise(steps):
+        names += [f"crop re-read at Max-{before}", f"Max-{budget}"]
+    return names
+
+
+def walk(ladder: Mapping[int, Rung], steps: Sequence[int], thresholds: Sequence[float],
+         rereads: Mapping[int, Rung] | None = None,
+         reread_below: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`escalated_records`, and per record the code of the answer it ends with (:func:`path_names`)."""
     if len(thresholds) != len(steps) - 1:
         raise ValueError(f"{len(steps)} budgets need {len(steps) - 1} thresholds, got {len(thresholds)}")
     first = ladder[steps[0]]
     score, seconds = first.score.copy(), first.seconds.copy()
+    source = np.zeros(score.size, int)
     asked = np.ones(score.size, bool)  # the records whose current answer is the latest rung's
     answered_again = np.zeros(score.size, bool)
     current, at = first, steps[0]
-    for budget, threshold in zip(steps[1:], thresholds, strict=True):
+    for i, (budget, threshold) in enumerate(zip(steps[1:], thresholds, strict=True), start=1):
         # A NaN log-probability compares False: no answer to judge, no escalation (driver.is_unsure).
         asked = asked & ~current.error & (current.logprob < threshold)
         reread = (rereads or {}).get(at) if reread_below is not None else None
@@ -100,6 +118,7 @@ def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int], threshol
             took = asked & ~reread.error
             score = np.where(took, reread.score, score)
             seconds = seconds + np.where(took, reread.seconds, 0.0)
+            source = np.where(took, 2 * i - 1, source)
             answered_again |= took
             asked = (asked & reread.error) | (took & (reread.logprob < reread_below))
         answered_again |= asked
@@ -108,7 +127,8 @@ def escalated_records(ladder: Mapping[int, Rung], steps: Sequence[int], threshol
             raise ValueError(f"Max-{budget} has {current.score.size} records, Max-{steps[0]} {score.size}")
         score = np.where(asked, current.score, score)
         seconds = seconds + np.where(asked, current.seconds, 0.0)
-    return score, seconds, answered_again
+        source = np.where(asked, 2 * i, source)
+    return score, seconds, answered_again, source
 
 
 def candidate_outcomes(ladder: Mapping[int, Rung], grid: Sequence[float] = DEFAULT_GRID,

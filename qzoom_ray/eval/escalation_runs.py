@@ -141,3 +141,21 @@ def write_escalation(config_in: str | Path, config_out: str | Path, block: dict[
     header = f"# escalation written by {note}\n" if note else ""
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return out
+
+
+#: Prediction columns that group records in the loss table (``eval.losses``), where a run has them.
+GROUP_COLUMNS = ("split", "category", "question_type")
+
+
+def record_groups(run_dir: str | Path) -> list[str]:
+    """Each record's group ("ordinary/document/fine"), in :func:`read_run`'s order (records sorted by id)."""
+    path = Path(run_dir) / "predictions.parquet"
+    names = set(pq.read_schema(path).names)
+    cols = [c for c in GROUP_COLUMNS if c in names]
+    rows = pq.read_table(path, columns=["method", "budget", "id", *cols]).to_pylist()
+    qzoom = [r for r in rows if r["method"] == "qzoom"]
+    if not qzoom:
+        raise ValueError(f"{run_dir}: no Q-Zoom answers")
+    first = min(int(r["budget"]) for r in qzoom)
+    at = sorted((r for r in qzoom if int(r["budget"]) == first), key=lambda r: r["id"])
+    return ["/".join(str(r[c]) for c in cols if r.get(c) is not None) or "all" for r in at]

@@ -162,7 +162,10 @@ def test_the_job_writes_the_choice_into_the_config_and_the_report(tmp_path, caps
     assert EngineConfig.from_yaml(cfg).escalation.step(128) == (256, -0.5)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["choice"]["escalation"] == {"below_logprob": -0.5, "to_budget": {"128": 256}}
-    assert report["settings"][0]["qualifies"] and "chosen (accuracy): 128 -> 256 below -0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert report["settings"][0]["qualifies"] and "chosen (accuracy): 128 -> 256 below -0.5" in out
+    # No group columns in these predictions: one group; LOW's record 1 ends at Max-256 (right, as the reference).
+    assert "| all | 4 | 3 | 2 | -25.0 | Max-128 3: 1 (2); Max-256 1: 1 (1) |" in out
     # The chosen setting against the reference, record by record: 50 % against 75 %, in 7 s against 8 s.
     (gap,) = report["choice"]["intervals"]
     assert gap["n"] == 4 and gap["gap_points"] == -25.0 and math.isclose(gap["speedup"], 8.0 / 7.0)
