@@ -56,3 +56,14 @@ def cap_box_area(
     ny0 = min(max(cy - win_h / 2, y0), y1 - win_h)
     # min(): the float sum may overshoot the box's edge by an ulp.
     return nx0, ny0, min(nx0 + win_w, x1), min(ny0 + win_h, y1)
+
+
+def crop_max_pixels(box_px: tuple[float, float, float, float], lo: int, hi: int, min_downscale: float | None) -> int:
+    """The crop's upper pixel budget: ``hi``, lowered so a box is read at no more than 1/``min_downscale`` of its
+    source resolution (``ZoomConfig.roi_min_downscale``), and never below ``lo``."""
+    if min_downscale is None:
+        return hi
+    if min_downscale < 1.0:
+        raise ValueError(f"min_downscale must be >= 1, got {min_downscale}")
+    area = max(0.0, box_px[2] - box_px[0]) * max(0.0, box_px[3] - box_px[1])
+    return max(lo, min(hi, int(area / min_downscale**2)))

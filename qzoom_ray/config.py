@@ -137,6 +137,21 @@ class ZoomConfig(StrictModel):
         "area (same aspect) where the RoI map is densest, so the crop is read at >= 1/roi_max_downscale of source "
         "resolution. None: the paper's box, however large.",
     )
+    roi_min_downscale: float | None = Field(
+        None,
+        ge=1.0,
+        description="Beyond the paper: a crop is never read above 1/roi_min_downscale of source resolution: a box "
+        "smaller than this squared times the crop's pixel budget is encoded with fewer tokens. A model trained on "
+        "whole pages read at or below their budget may never have seen glyphs at source size (docs/training.md, "
+        "session 24). None: a small box is read at source resolution.",
+    )
+    reread_min_downscale: float | None = Field(
+        None,
+        ge=1.0,
+        description="Beyond the paper: roi_min_downscale's floor for the crop re-read (EscalationConfig."
+        "reread_crop_below), which reads the crop alone at the record's budget. None: a small crop is read at "
+        "source resolution.",
+    )
     thresholds_by_budget: dict[int, BudgetThresholds] = Field(
         default_factory=dict,
         description="Beyond the paper: (tau_gate, tau_roi) calibrated at a global-view budget, keyed by its Max-N "

@@ -74,3 +74,26 @@ def test_a_box_overshooting_the_image_by_an_ulp_is_clamped():
     capped = box_cap.cap_box_area(box, 100.0**2, np.ones((6, 8)), (w, h))
     assert capped[2] <= w and capped[3] <= h
     g.norm_box_to_grid(g.normalise_box(capped, (w, h)), (6, 8))  # would raise past the image's edge
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1, 4000), st.floats(1, 4000), st.integers(1, 10**6), st.integers(1, 10**6), st.floats(1.0, 3.0))
+def test_crop_max_pixels_floors_the_downscale_within_the_budget(w, h, a, b, floor):
+    lo, hi = min(a, b), max(a, b)
+    got = box_cap.crop_max_pixels((10.0, 20.0, 10.0 + w, 20.0 + h), lo, hi, floor)
+    assert lo <= got <= hi
+    source = w * h / floor**2  # the crop's pixels at 1/floor of source resolution
+    if got > lo:  # read at no more than 1/floor of source, unless the lower budget forces more
+        assert got <= source
+    if got < hi:  # and lowered only as far as the floor asks
+        assert got >= int(source)
+    assert box_cap.crop_max_pixels((10.0, 20.0, 10.0 + w, 20.0 + h), lo, hi, None) == hi
+
+
+def test_crop_max_pixels_examples():
+    # A 280 x 280 box (100 tokens at source) under a 128-token budget, floor 1.4: 51 tokens' pixels, not 100.
+    assert box_cap.crop_max_pixels((0, 0, 280, 280), 16 * 784, 128 * 784, 1.4) == int(280 * 280 / 1.96)
+    assert box_cap.crop_max_pixels((0, 0, 2800, 2800), 16 * 784, 128 * 784, 1.4) == 128 * 784  # large: the budget
+    assert box_cap.crop_max_pixels((0, 0, 28, 28), 16 * 784, 128 * 784, 1.4) == 16 * 784  # tiny: the lower budget
+    with pytest.raises(ValueError, match=">= 1"):
+        box_cap.crop_max_pixels((0, 0, 28, 28), 1, 2, 0.5)

@@ -252,7 +252,7 @@ def crop_reread_run(engine: Any, rows: Sequence[LabelledRow], records: Sequence[
         image = load_image(row.image, max_pixels=engine.config.max_image_pixels,
                            max_aspect_ratio=engine.config.max_aspect_ratio)
         todo.append(i)
-        crops.append(driver.crop_record(rec, res, image))
+        crops.append(driver.crop_record(engine, rec, res, image))
     t0 = time.perf_counter()
     answered = engine.generate(crops) if crops else []
     wall = time.perf_counter() - t0

@@ -107,15 +107,26 @@ def escalated_record(
 NO_ZOOM = 2.0
 
 
-def crop_record(record: EngineRecord, result: EngineResult, image: Any) -> EngineRecord | None:
-    """The question about the RoI crop of a zoom-route answer alone, as its own image at the record's budget,
-    never zoomed; None for an answer from another route. ``image``: the record's decoded source image (the RoI
-    box is in its pixels)."""
+def reread_max_pixels(engine: QZoomEngine, record: EngineRecord, box_px: Sequence[float]) -> int:
+    """The crop re-read's upper budget: the record's, lowered so the crop is read at no more than
+    1/``ZoomConfig.reread_min_downscale`` of its source resolution."""
+    from qzoom_ray.box_cap import crop_max_pixels
+
+    zoom = engine.config.zoom
+    lo, hi = record.min_pixels or zoom.min_pixels, record.max_pixels or zoom.max_pixels
+    return crop_max_pixels(tuple(box_px), min(lo, hi), hi, zoom.reread_min_downscale)
+
+
+def crop_record(engine: QZoomEngine, record: EngineRecord, result: EngineResult, image: Any) -> EngineRecord | None:
+    """The question about the RoI crop of a zoom-route answer alone, as its own image at the record's budget
+    (:func:`reread_max_pixels`), never zoomed; None for an answer from another route. ``image``: the record's
+    decoded source image (the RoI box is in its pixels)."""
     from qzoom_ray.images import crop_image
 
     if result.route != ROUTE_ZOOM or result.roi_box_px is None:
         return None
-    return dataclasses.replace(record, image=crop_image(image, result.roi_box_px), gate_thresh=NO_ZOOM)
+    return dataclasses.replace(record, image=crop_image(image, result.roi_box_px), gate_thresh=NO_ZOOM,
+                               max_pixels=reread_max_pixels(engine, record, result.roi_box_px))
 
 
 def wants_reread(engine: QZoomEngine, record: EngineRecord, result: EngineResult) -> bool:
@@ -218,7 +229,7 @@ def _reread_crops(
             image = decoded.get(i)
             if image is None:
                 image = load_image(rec.image, max_pixels=cfg.max_image_pixels, max_aspect_ratio=cfg.max_aspect_ratio)
-            crop = crop_record(rec, res, image)
+            crop = crop_record(engine, rec, res, image)
         except Exception:  # a box that cannot be cut keeps the first answer, and may still escalate
             logger.exception("crop re-read of %s could not be prepared", rec.id)
             continue

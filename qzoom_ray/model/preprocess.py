@@ -112,10 +112,16 @@ def budget_thresholds(zoom: ZoomConfig, max_pixels: int, token_px: int) -> Budge
     return entry or BudgetThresholds(gate_thresh=zoom.gate_thresh, roi_thresh=zoom.roi_thresh)
 
 
-def roi_budget(engine: QZoomEngine, prepared: PreparedRecord) -> tuple[int, int]:
-    """The crop's pixel budget: the global view's unless the config sets one for RoIs."""
+def roi_budget(engine: QZoomEngine, prepared: PreparedRecord, box_px=None) -> tuple[int, int]:
+    """The crop's pixel budget: the global view's unless the config sets one for RoIs; with the crop's ``box_px``,
+    lowered to ``ZoomConfig.roi_min_downscale``'s floor on the downscale."""
+    from qzoom_ray.box_cap import crop_max_pixels
+
     zoom = engine.config.zoom
-    return (zoom.roi_min_pixels or prepared.min_pixels, zoom.roi_max_pixels or prepared.max_pixels)
+    lo, hi = zoom.roi_min_pixels or prepared.min_pixels, zoom.roi_max_pixels or prepared.max_pixels
+    if box_px is not None:
+        hi = crop_max_pixels(box_px, lo, hi, zoom.roi_min_downscale)
+    return lo, hi
 
 
 def prepare_roi(engine: QZoomEngine, request: ZoomRequest, image=None) -> PreparedRoi:
@@ -125,7 +131,7 @@ def prepare_roi(engine: QZoomEngine, request: ZoomRequest, image=None) -> Prepar
     if source is None:
         raise ValueError("prepare_roi needs the original image (pass image= after a process boundary)")
     crop = crop_image(source, request.box_px)
-    lo, hi = roi_budget(engine, request.prepared)
+    lo, hi = roi_budget(engine, request.prepared, request.box_px)
     ip = engine.processor.image_processor
     crop = presize_image(crop, ip, lo, hi, engine.config.max_aspect_ratio)
     out = ip(images=[crop], return_tensors="np", **image_size_kwargs(lo, hi))

@@ -122,6 +122,8 @@ class CoarseServer(_ModelServer):
                     outcomes[i] = Outcome(
                         handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens,
                         escalate_max_pixels=esc[0], escalate_below=esc[1], reread_below=esc[2],
+                        reread_max_pixels=None if esc[2] is None
+                        else handoff.reread_max_pixels(self.engine, prep.record, res.box_px),
                     )
                 else:
                     outcomes[i] = Outcome(
@@ -288,10 +290,12 @@ class QZoomIngress:
         outcome = await self._call(self.coarse, job, args.coarse.retry_after_s)
         if outcome.kind == handoff.ZOOM:
             budget = outcome.max_new_tokens
-            escalate = (outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below)
+            escalate = (outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below,
+                        outcome.reread_max_pixels)
             outcome = await self._call(self.zoom, outcome.zoom, args.zoom.retry_after_s)
             outcome.max_new_tokens = outcome.max_new_tokens or budget
-            outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below = escalate
+            (outcome.escalate_max_pixels, outcome.escalate_below, outcome.reread_below,
+             outcome.reread_max_pixels) = escalate
         return outcome
 
     @staticmethod

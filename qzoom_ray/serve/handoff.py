@@ -50,6 +50,8 @@ class Outcome:
     #: Set with the two above when unsure zoomed answers are first re-read on their crop
     #: (``EscalationConfig.reread_crop_below``): the re-read stands unless its log-probability is below this.
     reread_below: float | None = None
+    #: Set with ``reread_below`` on a zoomed request: the crop re-read's budget (``driver.reread_max_pixels``).
+    reread_max_pixels: int | None = None
 
 
 def engine_record(job: CoarseJob, live: LiveConfig) -> EngineRecord:
@@ -79,8 +81,17 @@ def escalation_step(engine, record: EngineRecord) -> tuple[int, float, float | N
     return step[0] * engine.adapter.token_px**2, step[1], engine.config.escalation.reread_crop_below
 
 
-def crop_job(job: CoarseJob, result: EngineResult) -> CoarseJob:
-    """The request again, about the RoI crop of its zoomed answer alone, never zoomed (``driver.crop_record``)."""
+def reread_max_pixels(engine, record: EngineRecord, box_px) -> int:
+    """The crop re-read's budget for a zoomed request (``driver.reread_max_pixels``), set on the coarse replica,
+    which knows the engine's floor (``ZoomConfig.reread_min_downscale``); the ingress does not."""
+    from qzoom_ray.model.driver import reread_max_pixels as budget_of
+
+    return budget_of(engine, record, box_px)
+
+
+def crop_job(job: CoarseJob, result: EngineResult, max_pixels: int | None = None) -> CoarseJob:
+    """The request again, about the RoI crop of its zoomed answer alone, never zoomed (``driver.crop_record``);
+    ``max_pixels``: the re-read's budget (None: the request's)."""
     import io
 
     from qzoom_ray.images import crop_image, load_image
@@ -91,16 +102,16 @@ def crop_job(job: CoarseJob, result: EngineResult) -> CoarseJob:
     crop = crop_image(load_image(job.image), result.roi_box_px)
     buf = io.BytesIO()
     crop.save(buf, format="PNG")
-    return dataclasses.replace(job, image=buf.getvalue(), gate_thresh=NO_ZOOM)
+    return dataclasses.replace(job, image=buf.getvalue(), gate_thresh=NO_ZOOM, max_pixels=max_pixels or job.max_pixels)
 
 
-async def _reread(job: CoarseJob, result: EngineResult,
+async def _reread(job: CoarseJob, result: EngineResult, max_pixels: int | None,
                   answer_once: Callable[[CoarseJob], Awaitable[Outcome]]) -> Outcome | None:
     """The crop re-read's outcome, or None where it could not be had (the answer we have stands)."""
     import asyncio
 
     try:
-        again = await answer_once(await asyncio.to_thread(crop_job, job, result))
+        again = await answer_once(await asyncio.to_thread(crop_job, job, result, max_pixels))
     except Exception as exc:  # e.g. at capacity, or a box the image cannot give: keep the answer we have
         logger.warning("crop re-read of %s failed (%s: %s); keeping the first answer", job.id, type(exc).__name__, exc)
         return None
@@ -128,7 +139,7 @@ async def answer_with_escalation(job: CoarseJob, answer_once: Callable[[CoarseJo
         and is_unsure(outcome.escalate_below, outcome.result.error, outcome.result.answer_logprob)
     ):
         if outcome.reread_below is not None and outcome.result.route == ROUTE_ZOOM:
-            reread = await _reread(current, outcome.result, answer_once)
+            reread = await _reread(current, outcome.result, outcome.reread_max_pixels, answer_once)
             if reread is not None:
                 outcome = dataclasses.replace(outcome, result=merge_reread(outcome.result, reread.result),
                                               prompt_tokens=outcome.prompt_tokens + reread.prompt_tokens)

@@ -148,6 +148,28 @@ def test_unsure_zoomed_answers_are_reread_on_their_crop_first(tiny_model_dir):
         assert g.coarse_visual_tokens == f.coarse_visual_tokens
 
 
+def test_the_reread_floor_reads_a_small_crop_below_source_resolution(tiny_model_dir):
+    """ZoomConfig.reread_min_downscale: the re-read is the crop asked alone at the floored budget."""
+    from qzoom_ray.box_cap import crop_max_pixels
+    from qzoom_ray.images import crop_image, load_image
+
+    plain = QZoomEngine(engine_config(tiny_model_dir, zoom=ZOOM_ALL))
+    recs = records(64)[:2]
+    first = plain.generate(recs)
+    floors = [crop_max_pixels(res.roi_box_px, 4 * PX, 64 * PX, 2.0) for res in first]
+    assert all(f < 64 * PX for f in floors)  # these crops are small: the floor lowers their budget
+    alone = plain.generate([
+        dataclasses.replace(rec, image=crop_image(load_image(rec.image), res.roi_box_px), gate_thresh=2.0,
+                            max_pixels=f) for rec, res, f in zip(recs, first, floors, strict=True)])
+    esc = {"below_logprob": 0.0, "to_budget": {64: 128}, "reread_crop_below": -1e9}
+    zoom = {**ZOOM_ALL, "reread_min_downscale": 2.0}
+    got = QZoomEngine(engine_config(tiny_model_dir, zoom=zoom, escalation=esc), loaded=plain.loaded).generate(recs)
+    for g, f, a in zip(got, first, alone, strict=True):
+        assert g.route == "crop_reread" and (g.answer, g.token_ids) == (a.answer, a.token_ids)
+        assert g.visual_tokens == f.visual_tokens + a.visual_tokens
+        assert a.coarse_visual_tokens * PX <= crop_max_pixels(f.roi_box_px, 4 * PX, 64 * PX, 2.0)
+
+
 def test_an_unsure_reread_goes_on_to_the_larger_budget(tiny_model_dir, monkeypatch):
     from qzoom_ray.model import driver
 

@@ -177,3 +177,19 @@ def test_roi_max_downscale_caps_a_page_wide_box_around_the_hot_spot(tiny_model_d
     assert x0 <= hot_x <= x1 and y0 <= hot_y <= y1
     # The RoI position ids follow the capped crop.
     assert capped.box_grid == geometry.norm_box_to_grid((x0 / w, y0 / h, x1 / w, y1 / h), (gh, gw))
+
+
+def test_roi_min_downscale_reads_a_small_crop_below_source_resolution(tiny_model_dir):
+    """ZoomConfig.roi_min_downscale: the zoom pass's crop of a box under the budget gets fewer tokens."""
+    px = 28 * 28
+    record = EngineRecord("small", make_image_bytes(336, 252, 1), "Which code?", min_pixels=4 * px,
+                          max_pixels=256 * px, gate_thresh=0.0, roi_thresh=0.0)  # the whole-map box: 108 tokens
+    plain = QZoomEngine(engine_config(tiny_model_dir))
+    (source,) = plain.generate([record])
+    floored = QZoomEngine(engine_config(tiny_model_dir, zoom={"roi_min_downscale": 2.0}), loaded=plain.loaded)
+    (half,) = floored.generate([record])
+    assert source.route == half.route == ROUTE_ZOOM and source.roi_box_px == half.roi_box_px
+    x0, y0, x1, y1 = source.roi_box_px
+    assert source.roi_visual_tokens * px >= 0.8 * (x1 - x0) * (y1 - y0)  # at source resolution, give or take
+    assert half.roi_visual_tokens * px <= (x1 - x0) * (y1 - y0) / 4  # at half of it, or less
+    assert half.coarse_visual_tokens == source.coarse_visual_tokens  # the global view is untouched
