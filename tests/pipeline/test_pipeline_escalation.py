@@ -27,16 +27,24 @@ def records() -> list[EngineRecord]:
     return [EngineRecord(r["id"], r["image"], r["question"], gate_thresh=r["gate_thresh"]) for r in ROWS]
 
 
-@pytest.fixture(scope="module", params=[None, -1e9], ids=["plain", "crop-reread"])
+@pytest.fixture(scope="module", params=[(None, None), (-1e9, None), (-1e9, 3.0)],
+                ids=["plain", "crop-reread", "crop-reread-floored"])
 def escalating(tiny_model_dir, request):
     """An engine config whose threshold, the median first answer's log-probability, escalates about half; with a
-    crop re-read threshold no re-read is below, the unsure zoomed answers are their crop's."""
-    plain = QZoomEngine(engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3))
+    crop re-read threshold no re-read is below, the unsure zoomed answers are their crop's. Floored: both crop
+    reads (the zoom pass and the re-read) at no more than 1/3 of source resolution."""
+    reread_below, floor = request.param
+    zoom = ZOOM if floor is None else {**ZOOM, "roi_min_downscale": floor, "reread_min_downscale": floor}
+    plain = QZoomEngine(engine_config(tiny_model_dir, zoom=zoom, max_batch_size=3))
     median = statistics.median(r.answer_logprob for r in plain.generate(records()))
-    esc = {"below_logprob": min(median, 0.0), "to_budget": {16: 32}, "reread_crop_below": request.param}
-    cfg = engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3, escalation=esc)
+    esc = {"below_logprob": min(median, 0.0), "to_budget": {16: 32}, "reread_crop_below": reread_below}
+    cfg = engine_config(tiny_model_dir, zoom=zoom, max_batch_size=3, escalation=esc)
     reference = {r.id: r for r in QZoomEngine(cfg, loaded=plain.loaded).generate(records())}
-    if request.param is not None:
+    if floor is not None:  # the floor bites on these records' crops
+        unfloored = QZoomEngine(engine_config(tiny_model_dir, zoom=ZOOM, max_batch_size=3), loaded=plain.loaded)
+        assert sum(r.roi_visual_tokens for r in plain.generate(records())) < sum(
+            r.roi_visual_tokens for r in unfloored.generate(records()))
+    if reread_below is not None:
         assert any(r.route == "crop_reread" for r in reference.values())
     return cfg.model_dump(), reference
 
