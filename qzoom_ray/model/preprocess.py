@@ -112,7 +112,9 @@ def budget_thresholds(zoom: ZoomConfig, max_pixels: int, token_px: int) -> Budge
     return entry or BudgetThresholds(gate_thresh=zoom.gate_thresh, roi_thresh=zoom.roi_thresh)
 
 
-def roi_budget(engine: QZoomEngine, prepared: PreparedRecord, box_px=None) -> tuple[int, int]:
+def roi_budget(
+    engine: QZoomEngine, prepared: PreparedRecord, box_px: tuple[float, float, float, float] | None = None
+) -> tuple[int, int]:
     """The crop's pixel budget: the global view's unless the config sets one for RoIs; with the crop's ``box_px``,
     lowered to ``ZoomConfig.roi_min_downscale``'s floor on the downscale."""
     from qzoom_ray.box_cap import crop_max_pixels
