@@ -120,6 +120,24 @@ def test_zoom_at_reports_bad_boxes_and_records_in_place(tiny_model_dir):
     assert out[2].error and not out[2].zoomed
 
 
+def test_zoom_at_answers_a_long_list_a_window_at_a_time(tiny_model_dir, monkeypatch):
+    """Like engine.generate: the same answers, and never more than a window of prepared records held at once."""
+    from qzoom_ray.model import given_region
+
+    engine = QZoomEngine(engine_config(tiny_model_dir, generation={"max_new_tokens": 2}, max_batch_size=2))
+    records = [EngineRecord(f"r{i}", make_image_bytes(300 + 20 * i, 240, i), "Where?") for i in range(5)]
+    boxes = [(0.1 * (i % 3), 0.2, 0.6, 0.7) for i in range(5)]
+    whole = engine.zoom_at(records, boxes)
+    windowed = QZoomEngine(engine.config.model_copy(update={"generate_window": 2}), loaded=engine.loaded)
+    calls: list[int] = []
+    real = given_region.zoom_at
+    monkeypatch.setattr(given_region, "zoom_at", lambda eng, recs, bxs: calls.append(len(recs)) or real(eng, recs, bxs))
+    got = windowed.zoom_at(records, boxes)
+    assert calls[0] == 5 and calls[1:] == [2, 2, 1]  # the whole list, then one call per window
+    assert [(r.id, r.answer, r.token_ids, r.roi_box_px) for r in got] == [
+        (r.id, r.answer, r.token_ids, r.roi_box_px) for r in whole]
+
+
 def test_branch_point_zero_runs_both_routes_and_reuses_exactly(tmp_path):
     """K = 0 (the branches read the embeddings; the tiny model's shipped depth): no base layer runs before the
     branches, nothing sits in the prefix KV, and a batch mixing direct and zoomed records still decodes both."""
