@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from qzoom_ray.config import EngineConfig
+from qzoom_ray.model.driver import reread_max_pixels
 from qzoom_ray.serve import handoff
 from qzoom_ray.serve.api import (
     ApiError,
@@ -123,7 +124,7 @@ class CoarseServer(_ModelServer):
                         handoff.ZOOM, zoom=handoff.shippable(res), max_new_tokens=prep.max_new_tokens,
                         escalate_max_pixels=esc[0], escalate_below=esc[1], reread_below=esc[2],
                         reread_max_pixels=None if esc[2] is None
-                        else handoff.reread_max_pixels(self.engine, prep.record, res.box_px),
+                        else reread_max_pixels(self.engine, prep.record, res.box_px),
                     )
                 else:
                     outcomes[i] = Outcome(

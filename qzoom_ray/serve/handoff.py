@@ -81,14 +81,6 @@ def escalation_step(engine, record: EngineRecord) -> tuple[int, float, float | N
     return step[0] * engine.adapter.token_px**2, step[1], engine.config.escalation.reread_crop_below
 
 
-def reread_max_pixels(engine, record: EngineRecord, box_px: tuple[int, int, int, int]) -> int:
-    """The crop re-read's budget for a zoomed request (``driver.reread_max_pixels``), set on the coarse replica,
-    which knows the engine's floor (``ZoomConfig.reread_min_downscale``); the ingress does not."""
-    from qzoom_ray.model.driver import reread_max_pixels as budget_of
-
-    return budget_of(engine, record, box_px)
-
-
 def crop_job(job: CoarseJob, result: EngineResult, max_pixels: int | None = None) -> CoarseJob:
     """The request again, about the RoI crop of its zoomed answer alone, never zoomed (``driver.crop_record``);
     ``max_pixels``: the re-read's budget (None: the request's)."""

@@ -151,11 +151,12 @@ def test_an_unsure_zoomed_answer_is_reread_on_its_crop_first():
 
 
 def test_the_coarse_replica_gives_the_reread_budget(tiny_model_dir):
+    from qzoom_ray.model.driver import reread_max_pixels
     from qzoom_ray.model.engine import QZoomEngine
 
     engine = QZoomEngine(engine_config(tiny_model_dir, zoom={"reread_min_downscale": 2.0}))
     record = EngineRecord("r", make_image_bytes(320, 240, 0), "q?", min_pixels=4 * PX, max_pixels=64 * PX)
     # A 140 x 112 box at floor 2: 3920 pixels (5 tokens), under the record's 64-token budget.
-    assert handoff.reread_max_pixels(engine, record, (0, 0, 140, 112)) == 140 * 112 // 4
-    assert handoff.reread_max_pixels(engine, record, (0, 0, 320, 240)) == 320 * 240 // 4
-    assert handoff.reread_max_pixels(engine, record, (0, 0, 20, 20)) == 4 * PX  # never below the lower budget
+    assert reread_max_pixels(engine, record, (0, 0, 140, 112)) == 140 * 112 // 4
+    assert reread_max_pixels(engine, record, (0, 0, 320, 240)) == 320 * 240 // 4
+    assert reread_max_pixels(engine, record, (0, 0, 20, 20)) == 4 * PX  # never below the lower budget
